@@ -1,0 +1,145 @@
+"""Attention dispatch (xformers' pattern): an ordered list of backends that explain why they cannot run.
+
+``attention(q, k, v, meta, backend="auto")`` takes the first registered backend with no reasons;
+a named backend that cannot run raises :class:`BackendUnavailable` listing its reasons; if no
+backend can run, the error lists every backend's reasons. ``sdpa`` runs everywhere and is last.
+
+Layout of tensors: ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (grouped-query attention when
+``Hkv`` divides ``Hq``); ``meta`` is the :class:`MaskMeta` of the call. A cached prefix is passed
+as ``prefix=(k_prefix, v_prefix)``: the keys of the call are then ``prefix ++ k`` and ``meta``'s
+key side covers both (backends that cannot read two K/V sources concatenate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .meta import MaskMeta
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot run these inputs, or no backend can."""
+
+
+@dataclass
+class AttentionInputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    meta: MaskMeta
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    scale: float | None = None
+
+    @property
+    def needs_grad(self) -> bool:
+        ts = [self.q, self.k, self.v] + (list(self.prefix) if self.prefix is not None else [])
+        return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefix is None:
+            return self.k, self.v
+        kp, vp = self.prefix
+        return torch.cat([kp, self.k], dim=2), torch.cat([vp, self.v], dim=2)
+
+    def common_reasons(self) -> list[str]:
+        """Shape checks every backend shares."""
+        r = []
+        q, k, v = self.q, self.k, self.v
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            return [f"q, k, v must be 4-D [B, H, N, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"]
+        B, Hq, Nq, D = q.shape
+        if k.shape[1] == 0 or Hq % k.shape[1]:
+            r.append(f"query heads {Hq} are not a multiple of kv heads {k.shape[1]}")
+        nk = k.shape[2] + (self.prefix[0].shape[2] if self.prefix is not None else 0)
+        if self.meta.q_len != Nq or self.meta.k_len != nk or self.meta.batch_size != B:
+            r.append(f"mask metadata is [{self.meta.batch_size}, {self.meta.q_len}, {self.meta.k_len}] "
+                     f"but the inputs are B={B}, Nq={Nq}, Nk={nk}")
+        return r
+
+
+class AttentionBackend:
+    """One way to compute masked attention. Subclasses set ``name`` and implement both methods."""
+
+    name: str = "?"
+
+    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        raise NotImplementedError
+
+    def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def auto_skip_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Reasons to pass this backend over under ``backend="auto"`` although it could run (e.g. slower here)."""
+        return []
+
+
+_BACKENDS: list[AttentionBackend] = []
+
+
+def register_backend(backend: AttentionBackend, before: str | None = "sdpa") -> AttentionBackend:
+    """Add a backend to the priority list, by default just before ``sdpa`` (which stays last)."""
+    names = [b.name for b in _BACKENDS]
+    if backend.name in names:
+        _BACKENDS[names.index(backend.name)] = backend
+        return backend
+    if before is not None and before in names:
+        _BACKENDS.insert(names.index(before), backend)
+    else:
+        _BACKENDS.append(backend)
+    return backend
+
+
+def backends() -> list[AttentionBackend]:
+    _ensure_builtin()
+    return list(_BACKENDS)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    for b in backends():
+        if b.name == name:
+            return b
+    import difflib
+    names = [b.name for b in _BACKENDS]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise KeyError(f"unknown attention backend {name!r}{hint}; known: {names + ['auto']}")
+
+
+def choose_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:
+    common = inp.common_reasons()
+    if common:
+        raise ValueError("attention inputs are malformed: " + "; ".join(common))
+    if backend != "auto":
+        b = get_backend(backend)
+        reasons = b.not_supported_reasons(inp)
+        if reasons:
+            raise BackendUnavailable(f"attention backend {b.name!r} cannot run these inputs: " + "; ".join(reasons))
+        return b
+    all_reasons = {}
+    for b in backends():
+        reasons = b.not_supported_reasons(inp) or b.auto_skip_reasons(inp)
+        if not reasons:
+            return b
+        all_reasons[b.name] = reasons
+    raise BackendUnavailable("no attention backend can run these inputs:\n" +
+                             "\n".join(f"  {n}: {'; '.join(r)}" for n, r in all_reasons.items()))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: MaskMeta, backend: str = "auto",
+              prefix: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None) -> torch.Tensor:
+    """Masked multi-head attention over the Layout mask. Returns ``[B, Hq, Nq, D]``; rows with nothing to attend are 0."""
+    inp = AttentionInputs(q, k, v, meta, prefix, scale)
+    return choose_backend(inp, backend).forward(inp)
+
+
+_BUILTIN_DONE = False
+
+
+def _ensure_builtin():
+    global _BUILTIN_DONE
+    if _BUILTIN_DONE:
+        return
+    _BUILTIN_DONE = True
+    from . import builtin as _b  # noqa: F401  (registers sdpa, flex, and the optional kernels)

@@ -1,0 +1,367 @@
+"""Typed component configs, the registry, and the model-recipe loader.
+
+A *slot* is a family of interchangeable components (``model``, ``time_sampler``, ``vision``…).
+Its base is a dataclass declared with ``class TimeSamplerConfig(ComponentConfig, slot="time_sampler")``;
+implementations register under a name::
+
+    @register("time_sampler", "beta")
+    @dataclass
+    class BetaTimeSampler(TimeSamplerConfig):
+        alpha: float = 1.5
+
+A field typed with a slot base is read from a mapping with a ``type:`` key naming the component.
+Recipes are YAML files (``recipes/*.yaml`` shipped with the package, or any path), optionally
+inheriting from another recipe with ``base: <name>``; dotted overrides (``experts.act.hidden_size=512``)
+apply on top. Every error names the file, the key path and the closest valid choices.
+Third-party packages add components through the entry-point group ``vla_blocks.components``
+(each entry point is a module imported before the first lookup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+ENTRY_POINT_GROUP = "vla_blocks.components"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is malformed; the message names the file, the key path and suggestions."""
+
+
+def _where(file: str | None, path: str) -> str:
+    loc = path or "<root>"
+    return f"{file}: {loc}" if file else loc
+
+
+def _suggest(word: str, choices) -> str:
+    choices = sorted(str(c) for c in choices)
+    close = difflib.get_close_matches(str(word), choices, n=3, cutoff=0.5)
+    s = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return s + f" (valid: {', '.join(choices)})"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+_SLOTS: dict[str, type] = {}
+_REGISTRY: dict[str, dict[str, type]] = {}
+_PLUGINS_LOADED = False
+
+
+class ComponentConfig:
+    """Base of every slot base. ``type`` is the registered name of the concrete class."""
+
+    type: typing.ClassVar[str] = ""
+    slot: typing.ClassVar[str] = ""
+
+    def __init_subclass__(cls, slot: str | None = None, **kw):
+        super().__init_subclass__(**kw)
+        if slot is not None:
+            cls.slot = slot
+            cls._slot_base = cls
+            _SLOTS[slot] = cls
+            _REGISTRY.setdefault(slot, {})
+
+    def build(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not build a module")
+
+
+def register(slot: str, name: str):
+    """Class decorator: register a config dataclass as component ``name`` of ``slot``."""
+    def deco(cls):
+        if slot not in _SLOTS:
+            raise KeyError(f"unknown slot {slot!r}{_suggest(slot, _SLOTS)}")
+        if not issubclass(cls, _SLOTS[slot]):
+            raise TypeError(f"{cls.__name__} must subclass {_SLOTS[slot].__name__} to register in slot {slot!r}")
+        cls.type = name
+        _REGISTRY[slot][name] = cls
+        return cls
+    return deco
+
+
+def _load_plugins():
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    importlib.import_module("vla_blocks.components")  # the built-in components
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+
+
+def registered(slot: str) -> dict[str, type]:
+    _load_plugins()
+    if slot not in _REGISTRY:
+        raise KeyError(f"unknown slot {slot!r}{_suggest(slot, _REGISTRY)}")
+    return dict(_REGISTRY[slot])
+
+
+def component_class(slot: str, name: str, *, file: str | None = None, path: str = "type") -> type:
+    reg = registered(slot)
+    if name not in reg:
+        raise ConfigError(f"{_where(file, path)}: unknown {slot} component {name!r}{_suggest(name, reg)}")
+    return reg[name]
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _is_slot_base(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, ComponentConfig) and getattr(tp, "_slot_base", None) is tp
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def decode(tp, data, path: str = "", file: str | None = None):
+    """Decode plain data (from YAML) into the annotated type ``tp``; strict about keys and types."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return data
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return decode(a, data, path, file)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{_where(file, path)}: {data!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if data not in choices:
+            raise ConfigError(f"{_where(file, path)}: {data!r} is not allowed{_suggest(data, choices)}")
+        return data
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(data, (list, tuple)):
+            raise ConfigError(f"{_where(file, path)}: expected a list, got {type(data).__name__} {data!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(data):
+                raise ConfigError(f"{_where(file, path)}: expected {len(args)} items, got {len(data)}")
+            return tuple(decode(a, d, f"{path}[{i}]", file) for i, (a, d) in enumerate(zip(args, data)))
+        item = args[0] if args else Any
+        out = [decode(item, d, f"{path}[{i}]", file) for i, d in enumerate(data)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{_where(file, path)}: expected a mapping, got {type(data).__name__} {data!r}")
+        kt, vt = get_args(tp) or (str, Any)
+        return {k: decode(vt, v, f"{path}.{k}" if path else str(k), file) for k, v in data.items()}
+    if _is_slot_base(tp):
+        if isinstance(data, tp):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{_where(file, path)}: expected a {tp.slot} mapping with a 'type' key, got {data!r}")
+        if "type" not in data:
+            raise ConfigError(f"{_where(file, path)}: missing field 'type' (the {tp.slot} component name)"
+                              f"{_suggest('', registered(tp.slot))}")
+        cls = component_class(tp.slot, data["type"], file=file, path=f"{path}.type" if path else "type")
+        return _decode_dataclass(cls, {k: v for k, v in data.items() if k != "type"}, path, file)
+    if is_dataclass(tp):
+        if isinstance(data, tp):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{_where(file, path)}: expected a mapping for {tp.__name__}, got {data!r}")
+        return _decode_dataclass(tp, data, path, file)
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise ConfigError(f"{_where(file, path)}: expected true/false, got {type(data).__name__} {data!r}")
+        return data
+    if tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise ConfigError(f"{_where(file, path)}: expected an integer, got {type(data).__name__} {data!r}")
+        return data
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            if isinstance(data, str):
+                try:
+                    return float(data)  # YAML reads 1e-6 as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{_where(file, path)}: expected a number, got {type(data).__name__} {data!r}")
+        return float(data)
+    if tp is str:
+        if not isinstance(data, str):
+            raise ConfigError(f"{_where(file, path)}: expected a string, got {type(data).__name__} {data!r}")
+        return data
+    return data
+
+
+def _decode_dataclass(cls, data: dict, path: str, file: str | None):
+    hints = typing.get_type_hints(cls)
+    flds = {f.name: f for f in fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        sub = f"{path}.{k}" if path else str(k)
+        if k not in flds:
+            raise ConfigError(f"{_where(file, sub)}: unknown key {k!r} for {cls.__name__}{_suggest(k, flds)}")
+        kwargs[k] = decode(hints[k], v, sub, file)
+    for name, f in flds.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_where(file, f'{path}.{name}' if path else name)}: missing required field "
+                              f"{name!r} of {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{_where(file, path)}: {e}") from e
+
+
+def encode(obj) -> Any:
+    """The inverse of :func:`decode`: plain data with ``type`` tags, ready for YAML/JSON."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        if isinstance(obj, ComponentConfig) and obj.type:
+            out["type"] = obj.type
+        for f in fields(obj):
+            if f.init:
+                out[f.name] = encode(getattr(obj, f.name))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [encode(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: encode(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def recipe_dir() -> Path:
+    import vla_blocks.recipes as r
+    return Path(r.__file__).parent
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().iterdir() if p.suffix in RECIPE_SUFFIXES)
+
+
+def _resolve_recipe_file(ref: str) -> Path:
+    p = Path(ref)
+    if p.suffix in RECIPE_SUFFIXES or os.sep in ref or "/" in ref:
+        if not p.is_file():
+            raise ConfigError(f"recipe file {ref!r} does not exist")
+        return p
+    for suf in RECIPE_SUFFIXES:
+        f = recipe_dir() / f"{ref}{suf}"
+        if f.is_file():
+            return f
+    raise ConfigError(f"unknown recipe {ref!r}{_suggest(ref, list_recipes())}")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("type", out[k].get("type")) == out[k].get("type"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_recipe(ref: str, _seen: tuple = ()) -> tuple[dict, str]:
+    """Raw recipe data with ``base:`` inheritance resolved, and the file it came from."""
+    f = _resolve_recipe_file(ref)
+    if str(f) in _seen:
+        raise ConfigError(f"{f}: recipe inheritance loops through {' -> '.join(_seen)}")
+    try:
+        data = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{f}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f}: a recipe must be a mapping, got {type(data).__name__}")
+    if "base" in data:
+        base_ref = str(data.pop("base"))
+        sibling = f.parent / f"{base_ref}.yaml"
+        base_data, _ = read_recipe(str(sibling) if sibling.is_file() else base_ref, _seen + (str(f),))
+        data = _merge(base_data, data)
+    return data, str(f)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'a.b.c=value'`` -> ``('a.b.c', yaml value)``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, val = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        return key, yaml.safe_load(val)
+    except yaml.YAMLError:
+        return key, val
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any], file: str | None = None) -> dict:
+    """Set dotted keys in raw recipe data (validation happens when it is decoded)."""
+    data = _deepcopy(data)
+    for key, val in overrides.items():
+        parts = key.split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict):
+                raise ConfigError(f"{_where(file, '.'.join(parts[:i]))}: cannot set {key!r}: not a mapping")
+            if p not in node or node[p] is None:
+                node[p] = {}
+            node = node[p]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{_where(file, '.'.join(parts[:-1]))}: cannot set {key!r}: not a mapping")
+        last = parts[-1]
+        if last == "type" and node.get("type") != val:
+            # switching component: keep only fields the new component also has
+            node.clear() if not isinstance(val, str) else None
+        node[last] = val
+    return data
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = None):
+    """Load a model recipe (name, path or raw dict) with dotted overrides into a typed model config."""
+    from .components import ModelConfig  # the model slot base
+    if isinstance(ref, dict):
+        data, file = _deepcopy(ref), "<dict>"
+    else:
+        data, file = read_recipe(ref)
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    if overrides:
+        data = apply_overrides(data, overrides, file)
+    data.pop("name", None) if "name" not in {f.name for f in _model_fields(data, file)} else None
+    return decode(ModelConfig, data, "", file)
+
+
+def _model_fields(data, file):
+    if not isinstance(data, dict) or "type" not in data:
+        raise ConfigError(f"{_where(file, 'type')}: missing field 'type' (the model component name)"
+                          f"{_suggest('', registered('model'))}")
+    return fields(component_class("model", data["type"], file=file))
+
+
+def dump_recipe(cfg) -> str:
+    return yaml.safe_dump(encode(cfg), sort_keys=False)
+
+
+__all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
+           "load_recipe", "read_recipe", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
+           "dataclass"]

@@ -1,0 +1,329 @@
+"""Token layout of a packed batch: segments -> experts, RoPE positions, documents, mask metadata.
+
+A *sample* (document) is a list of :class:`Segment`. A segment is one attention unit with a mode
+(``causal`` text, ``full`` image/prefix, ``noise`` diffusion input) and a RoPE policy; it holds one
+or more :class:`Part` runs, each of one expert and one label (BAGEL's ``<|vision_start|>`` marker is
+a ``und`` part inside a ``gen`` image segment). Labels name token sets: models put embeddings in by
+label (:meth:`Layout.assemble`) and read hidden states and losses out by label.
+
+The mask contract (DESIGN §2) for tokens q, k of one row::
+
+    allowed(q, k) = valid(q) ∧ valid(k) ∧ doc(q) = doc(k)
+                  ∧ (k ≤ q ∨ (seg(q) = seg(k) ∧ mode(seg) ∈ {full, noise}))
+                  ∧ ¬(mode(seg(k)) = noise ∧ seg(q) ≠ seg(k))
+
+is a pure function of per-token vectors, held in :class:`vla_blocks.attention.MaskMeta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .attention.meta import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, MaskMeta
+
+MODES = ("causal", "full", "noise")
+ROPE_POLICIES = ("sequential", "sequential_hold", "block", "block_hold")
+
+
+@dataclass
+class Part:
+    """A run of ``length`` tokens of one expert and one label inside a segment."""
+
+    expert: str
+    length: int
+    label: str
+    valid: Sequence[bool] | torch.Tensor | bool = True
+
+    def valid_tensor(self) -> torch.Tensor:
+        if isinstance(self.valid, bool):
+            return torch.full((self.length,), self.valid, dtype=torch.bool)
+        v = torch.as_tensor(self.valid, dtype=torch.bool).reshape(-1)
+        if v.numel() != self.length:
+            raise ValueError(f"part {self.label!r}: valid has {v.numel()} entries for {self.length} tokens")
+        return v
+
+
+@dataclass
+class Segment:
+    """One attention unit: ``mode`` in {causal, full, noise}, ``rope`` policy, and its parts.
+
+    RoPE policies: ``sequential`` (one id per valid token, counter advances), ``sequential_hold``
+    (sequential ids, counter does not advance: parallel suffixes that must all start at the same
+    offset, e.g. ACoT's EAR and action chunks trained in one pass), ``block`` (all tokens share the
+    counter value, which then advances by 1: BAGEL images), ``block_hold`` (share one id, no
+    advance: BAGEL/HALO noisy targets).
+    """
+
+    mode: str
+    parts: list[Part]
+    rope: str = "sequential"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"segment mode {self.mode!r} is not one of {MODES}")
+        if self.rope not in ROPE_POLICIES:
+            raise ValueError(f"segment rope policy {self.rope!r} is not one of {ROPE_POLICIES}")
+        if not self.parts:
+            raise ValueError("a segment needs at least one part")
+        for p in self.parts:
+            if p.length < 0:
+                raise ValueError(f"part {p.label!r} has negative length {p.length}")
+
+    @classmethod
+    def of(cls, mode: str, expert: str, length: int, label: str, rope: str = "sequential",
+           valid: Sequence[bool] | torch.Tensor | bool = True) -> "Segment":
+        return cls(mode, [Part(expert, length, label, valid)], rope)
+
+    @property
+    def length(self) -> int:
+        return sum(p.length for p in self.parts)
+
+
+Sample = list[Segment]
+
+
+@dataclass
+class Layout:
+    """Per-token tensors of a batch of ``B`` rows × ``N`` tokens (rows padded with invalid tokens).
+
+    Each row holds one or more documents (packing). ``expert_id`` is -1 for padding tokens,
+    ``doc_id`` and ``seg_id`` are unique within a row (padding: -1). Flat indices below index the
+    row-major ``B*N`` token grid.
+    """
+
+    experts: list[str]
+    expert_id: torch.Tensor  # [B, N] long
+    position_ids: torch.Tensor  # [B, N] long
+    doc_id: torch.Tensor  # [B, N] long
+    seg_id: torch.Tensor  # [B, N] long
+    seg_mode: torch.Tensor  # [B, N] long (index into MODES, -1 for padding)
+    valid: torch.Tensor  # [B, N] bool
+    label_index: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> flat indices
+    next_position: torch.Tensor | None = None  # [B, max_docs] next RoPE id per document
+    doc_offsets: list[list[int]] = field(default_factory=list)  # per row: start token of each document
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample] | Sequence[Sequence[Sample]], experts: Sequence[str],
+                     pack: bool = False, pad_to: int | None = None) -> "Layout":
+        """Build a layout.
+
+        ``samples`` is a list of samples (each a list of segments). With ``pack=False`` each sample
+        is its own row; with ``pack=True`` all samples go into one row as documents. A list of
+        lists of samples gives explicit rows of packed documents. ``pad_to`` pads rows to a fixed
+        length (an error if a row is longer).
+        """
+        experts = list(experts)
+        if not samples:
+            raise ValueError("no samples given")
+        if isinstance(samples[0], Segment):
+            raise TypeError("samples must be a list of samples (lists of Segment), got a list of Segment")
+        if isinstance(samples[0][0], Segment):
+            rows = [list(samples)] if pack else [[s] for s in samples]
+        else:
+            rows = [list(r) for r in samples]
+        lens = [sum(seg.length for s in r for seg in s) for r in rows]
+        n = max(lens)
+        if pad_to is not None:
+            if pad_to < n:
+                raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({n} tokens)")
+            n = pad_to
+        B = len(rows)
+        expert_id = torch.full((B, n), -1, dtype=torch.long)
+        pos = torch.zeros((B, n), dtype=torch.long)
+        doc = torch.full((B, n), -1, dtype=torch.long)
+        seg = torch.full((B, n), -1, dtype=torch.long)
+        mode = torch.full((B, n), -1, dtype=torch.long)
+        valid = torch.zeros((B, n), dtype=torch.bool)
+        labels: dict[str, list[torch.Tensor]] = {}
+        max_docs = max(len(r) for r in rows)
+        next_pos = torch.zeros((B, max_docs), dtype=torch.long)
+        offsets: list[list[int]] = []
+        e_index = {e: i for i, e in enumerate(experts)}
+        for b, row in enumerate(rows):
+            t = 0
+            s_global = 0
+            offsets.append([])
+            for d, sample in enumerate(row):
+                offsets[-1].append(t)
+                counter = 0
+                for segment in sample:
+                    a = t
+                    mode_i = MODES.index(segment.mode)
+                    seg_valid = []
+                    for part in segment.parts:
+                        if part.expert not in e_index:
+                            raise KeyError(f"part {part.label!r} names expert {part.expert!r}; "
+                                           f"this layout has experts {experts}")
+                        L = part.length
+                        v = part.valid_tensor()
+                        expert_id[b, t:t + L] = e_index[part.expert]
+                        valid[b, t:t + L] = v
+                        seg_valid.append(v)
+                        idx = b * n + torch.arange(t, t + L)
+                        labels.setdefault(part.label, []).append(idx)
+                        t += L
+                    doc[b, a:t] = d
+                    seg[b, a:t] = s_global
+                    mode[b, a:t] = mode_i
+                    s_global += 1
+                    v = torch.cat(seg_valid) if seg_valid else torch.zeros(0, dtype=torch.bool)
+                    if segment.rope in ("sequential", "sequential_hold"):
+                        p = counter + torch.cumsum(v.long(), 0) - 1
+                        p = torch.clamp(p, min=counter)  # invalid leading tokens share the first id
+                        pos[b, a:t] = p
+                        if segment.rope == "sequential":
+                            counter += int(v.sum())
+                    else:
+                        pos[b, a:t] = counter
+                        if segment.rope == "block":
+                            counter += 1
+                next_pos[b, d] = counter
+        label_index = {k: torch.cat(v) for k, v in labels.items()}
+        return cls(experts, expert_id, pos, doc, seg, mode, valid, label_index, next_pos, offsets)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def batch_size(self) -> int:
+        return self.expert_id.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.expert_id.shape[1]
+
+    def to(self, device) -> "Layout":
+        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Layout(self.experts, mv(self.expert_id), mv(self.position_ids), mv(self.doc_id), mv(self.seg_id),
+                      mv(self.seg_mode), mv(self.valid), {k: mv(v) for k, v in self.label_index.items()},
+                      mv(self.next_position), self.doc_offsets)
+
+    def tokens(self, start: int, end: int | None = None) -> "Layout":
+        """The sub-layout of tokens ``[start, end)`` of every row (a suffix pass routes with this).
+
+        Positions, documents and segments keep their values; label indices are re-based to the
+        sub-grid and labels with no token inside are dropped.
+        """
+        end = self.seq_len if end is None else end
+        if not 0 <= start <= end <= self.seq_len:
+            raise ValueError(f"token range [{start}, {end}) is outside a layout of {self.seq_len} tokens")
+        n, m = self.seq_len, end - start
+        labels = {}
+        for k, idx in self.label_index.items():
+            b, i = idx // n, idx % n
+            keep = (i >= start) & (i < end)
+            if keep.any():
+                labels[k] = b[keep] * m + (i[keep] - start)
+        sl = (slice(None), slice(start, end))
+        return Layout(self.experts, self.expert_id[sl], self.position_ids[sl], self.doc_id[sl], self.seg_id[sl],
+                      self.seg_mode[sl], self.valid[sl], labels, self.next_position, self.doc_offsets)
+
+    # ------------------------------------------------------------------ routing
+    def expert_index(self, expert: str | int) -> torch.Tensor:
+        """Flat indices (ascending) of the tokens routed to ``expert``."""
+        e = self.experts.index(expert) if isinstance(expert, str) else expert
+        return torch.nonzero(self.expert_id.reshape(-1) == e).squeeze(-1)
+
+    def expert_indices(self) -> dict[str, torch.Tensor]:
+        """Flat indices per expert with at least one token in this layout (the active experts)."""
+        out = {}
+        flat = self.expert_id.reshape(-1)
+        for i, e in enumerate(self.experts):
+            idx = torch.nonzero(flat == i).squeeze(-1)
+            if idx.numel():
+                out[e] = idx
+        return out
+
+    def labels(self) -> list[str]:
+        return list(self.label_index)
+
+    def index(self, label: str) -> torch.Tensor:
+        try:
+            return self.label_index[label]
+        except KeyError:
+            raise KeyError(f"label {label!r} is not in this layout; labels: {sorted(self.label_index)}") from None
+
+    def assemble(self, embeds: dict[str, torch.Tensor], widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """Route per-label embeddings ``{label: [n_label, D_e]}`` into per-expert hidden tensors.
+
+        Returns ``{expert: [n_e, D_e]}`` ordered like :meth:`expert_indices`. Every token of an
+        active expert must be covered by exactly one label given here.
+        """
+        flat_e = self.expert_id.reshape(-1)
+        idx_e = self.expert_indices()
+        # position of each flat token inside its expert's tensor
+        slot = torch.full_like(flat_e, -1)
+        for e, idx in idx_e.items():
+            slot[idx] = torch.arange(idx.numel(), device=idx.device)
+        out: dict[str, torch.Tensor] = {}
+        covered = {e: 0 for e in idx_e}
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {e: [] for e in idx_e}
+        for label, x in embeds.items():
+            idx = self.index(label)
+            if x.shape[0] != idx.numel():
+                raise ValueError(f"label {label!r}: got {x.shape[0]} embeddings for {idx.numel()} tokens")
+            if idx.numel() == 0:
+                continue
+            es = flat_e[idx].unique()
+            if es.numel() != 1:
+                raise ValueError(f"label {label!r} spans several experts; give one label per expert")
+            e = self.experts[int(es)]
+            parts[e].append((slot[idx], x))
+            covered[e] += idx.numel()
+        for e, idx in idx_e.items():
+            if covered[e] != idx.numel():
+                raise ValueError(f"expert {e!r} has {idx.numel()} tokens but the embeddings cover {covered[e]}")
+            first = parts[e][0][1]
+            buf = first.new_zeros((idx.numel(),) + tuple(first.shape[1:]))
+            for s, x in parts[e]:
+                buf = buf.index_copy(0, s, x.to(buf.dtype))
+            out[e] = buf
+        return out
+
+    def extract(self, hidden: dict[str, torch.Tensor], label: str) -> torch.Tensor:
+        """Hidden states ``[n_label, D_e]`` of the tokens with ``label`` from per-expert tensors."""
+        idx = self.index(label)
+        flat_e = self.expert_id.reshape(-1)
+        es = flat_e[idx].unique()
+        if es.numel() != 1:
+            raise ValueError(f"label {label!r} spans {es.numel()} experts")
+        e = self.experts[int(es)]
+        e_idx = self.expert_index(e)
+        slot = torch.searchsorted(e_idx, idx)
+        return hidden[e][slot]
+
+    # ------------------------------------------------------------------ mask
+    def flags(self) -> torch.Tensor:
+        f = self.valid.int() * FLAG_VALID
+        f = f + ((self.seg_mode == 1) | (self.seg_mode == 2)).int() * FLAG_BIDIR
+        f = f + (self.seg_mode == 2).int() * FLAG_NOISE
+        return f.to(torch.int32)
+
+    def mask_meta(self, q_slice: slice | None = None, k_slice: slice | None = None) -> MaskMeta:
+        """Mask metadata for queries ``q_slice`` against keys ``k_slice`` of this layout.
+
+        A prefix pass is ``(slice(0, P), slice(0, P))``; a suffix pass reading a cached prefix is
+        ``(slice(P, N), slice(0, N))``.
+        """
+        q_slice = q_slice or slice(0, self.seq_len)
+        k_slice = k_slice or slice(0, self.seq_len)
+        n = self.seq_len
+        idx = torch.arange(n, device=self.expert_id.device, dtype=torch.int32).expand(self.batch_size, n)
+        f = self.flags()
+        doc = self.doc_id.to(torch.int32)
+        seg = self.seg_id.to(torch.int32)
+        return MaskMeta(q_idx=idx[:, q_slice], q_doc=doc[:, q_slice], q_seg=seg[:, q_slice], q_flags=f[:, q_slice],
+                        k_idx=idx[:, k_slice], k_doc=doc[:, k_slice], k_seg=seg[:, k_slice], k_flags=f[:, k_slice])
+
+    def dense_mask(self) -> torch.Tensor:
+        """The oracle boolean mask ``[B, N, N]`` (True = may attend)."""
+        return self.mask_meta().dense()
+
+
+def concat_samples(*parts: Iterable[Segment]) -> Sample:
+    out: Sample = []
+    for p in parts:
+        out.extend(p)
+    return out

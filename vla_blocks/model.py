@@ -1,0 +1,125 @@
+"""Base class of composed models and ``create_model`` (timm's grammar for references).
+
+``create_model(ref, **overrides)`` with ``ref``:
+
+- a recipe name shipped with the package (``acot-tiny``) or a path to a recipe YAML;
+- ``hf-hub:org/name[@revision]``: a model saved with ``save_pretrained`` on the Hugging Face Hub;
+- ``local-dir:path``: a model folder saved with ``save_pretrained``.
+
+Overrides are dotted keys (``create_model("mot-tiny", **{"experts.act.hidden_size": 512})``, or
+``overrides=["experts.act.hidden_size=512"]``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, load_recipe
+
+
+class VLAModel(nn.Module):
+    """A model built from a recipe. Training: ``forward(batch) -> (loss, metrics)``.
+
+    Policies also implement lerobot's inference names: ``predict_action_chunk(batch)`` returns
+    ``[B, H, A]``; ``select_action(batch)`` pops one action per call from a queue refilled with a
+    new chunk when empty; ``reset()`` clears the queue.
+    """
+
+    config: Any
+    n_action_steps: int | None = None
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self._action_queue: deque = deque()
+
+    # -- lerobot-style inference API ------------------------------------------------------------
+    def predict_action_chunk(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not a policy")
+
+    @torch.no_grad()
+    def select_action(self, batch: dict) -> torch.Tensor:
+        if not self._action_queue:
+            chunk = self.predict_action_chunk(batch)  # [B, H, A]
+            n = self.n_action_steps or chunk.shape[1]
+            self._action_queue.extend(chunk[:, :n].transpose(0, 1))
+        return self._action_queue.popleft()
+
+    def reset(self):
+        self._action_queue.clear()
+
+    # -- introspection --------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def demo_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict:
+        """A random batch of the right shapes for this model (demo, tests, benchmarks)."""
+        raise NotImplementedError
+
+    def demo_inference(self, batch: dict) -> dict:
+        """One inference call on ``batch``; returns named outputs for the demo report."""
+        raise NotImplementedError
+
+
+@dataclass
+class ModelRef:
+    kind: str  # "recipe" | "hf-hub" | "local-dir"
+    target: str
+    revision: str | None = None
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"model reference must be a non-empty string, got {ref!r}")
+    if ref.startswith("hf-hub:"):
+        target = ref[len("hf-hub:"):]
+        rev = None
+        if "@" in target:
+            target, rev = target.split("@", 1)
+            if not rev:
+                raise ConfigError(f"{ref!r}: empty revision after '@'")
+        if target.count("/") != 1 or not all(target.split("/")):
+            raise ConfigError(f"{ref!r}: expected hf-hub:org/name[@revision]")
+        return ModelRef("hf-hub", target, rev)
+    if ref.startswith("local-dir:"):
+        target = ref[len("local-dir:"):]
+        if not target:
+            raise ConfigError(f"{ref!r}: expected local-dir:path")
+        return ModelRef("local-dir", target)
+    return ModelRef("recipe", ref)
+
+
+def _split_overrides(overrides: dict) -> dict:
+    extra = overrides.pop("overrides", None)
+    out = dict(overrides)
+    if extra:
+        from .config import parse_override
+        for o in extra:
+            k, v = parse_override(o)
+            out[k] = v
+    return out
+
+
+def create_model(ref: str, **overrides) -> VLAModel:
+    """Build a model from a recipe name/path, or load one from ``hf-hub:`` / ``local-dir:``."""
+    parsed = parse_model_ref(ref)
+    overrides = _split_overrides(overrides)
+    if parsed.kind == "recipe":
+        cfg = load_recipe(parsed.target, overrides)
+        return cfg.build()
+    from . import hub
+    return hub.load_model(parsed, overrides)
+
+
+def model_config(ref: str, **overrides):
+    """The typed config of a recipe (no weights allocated)."""
+    parsed = parse_model_ref(ref)
+    if parsed.kind != "recipe":
+        from . import hub
+        return hub.load_config(parsed, _split_overrides(overrides))
+    return load_recipe(parsed.target, _split_overrides(overrides))

@@ -1,0 +1,391 @@
+"""Mixture-of-Transformers: per-expert norms/projections/FFN, one shared attention per layer.
+
+Experts are a dict by name (``und``, ``gen``, ``act``, ``vlm``, ``ear``…); adding one is a recipe
+edit. Every token goes through its own expert's blocks; routing is by index tensors computed once
+per batch (:class:`Routing`), never a Python loop over tokens. Experts may differ in width and FFN
+size but share ``num_heads``, ``num_kv_heads`` and ``head_dim``. :class:`MoTLayer` owns every
+expert's block of one layer: it is the unit for FSDP wrapping and activation checkpointing.
+
+Hidden states travel as ``{expert: [n_e, D_e]}`` (tokens of that expert in flat row-major order of
+the layout's ``[B, N]`` grid). K/V of a prefix can be kept in a :class:`PrefixCache` (K after
+k-norm and RoPE) and read by later suffix passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MaskMeta, attention
+from .layout import Layout
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@dataclass
+class ExpertConfig:
+    """One expert's block. ``norm``: ``rms`` (x̂·w, w=1 at init; Qwen2/Llama) or ``gemma_rms`` (x̂·(1+w), w=0).
+
+    ``adarms_cond_dim`` turns every norm of the expert (and its final norm) into pi0.5's adaRMS:
+    a zero-initialised Dense(cond → 3·D) giving scale, shift and a residual gate.
+    ``init_from`` names another expert whose weights this one copies at initialisation (sliced
+    into the leading corner when widths differ), as BAGEL's ``init_moe`` and ACoT's loader do.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    norm: Literal["rms", "gemma_rms"] = "rms"
+    norm_eps: float = 1e-6
+    ffn_act: Literal["silu", "gelu_tanh"] = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    adarms_cond_dim: int | None = None
+    init_from: str | None = None
+
+    def __post_init__(self):
+        if self.hidden_size <= 0 or self.intermediate_size <= 0:
+            raise ValueError(f"hidden_size and intermediate_size must be positive, got {self.hidden_size}, "
+                             f"{self.intermediate_size}")
+
+
+@dataclass
+class MoTConfig:
+    """The shared-attention stack: layer count, the attention geometry shared by all experts, the experts."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    experts: dict[str, ExpertConfig]
+    rope_theta: float = 10000.0
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not self.experts:
+            raise ValueError("an MoT stack needs at least one expert")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        for name, e in self.experts.items():
+            if e.init_from is not None and e.init_from not in self.experts:
+                raise ValueError(f"expert {name!r}: init_from={e.init_from!r} is not an expert "
+                                 f"({sorted(self.experts)})")
+
+
+# ---------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. ``gemma=True`` multiplies by ``1 + w`` (Gemma), else by ``w`` (Qwen2/Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, gemma: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight.float())).to(dt), None
+        return self.weight * xf.to(dt), None
+
+
+class AdaRMSNorm(nn.Module):
+    """pi0.5's adaptive RMSNorm: Dense(cond)→(scale, shift, gate), zero-initialised.
+
+    With ``cond``: ``x̂·(1+scale)+shift`` and the residual gate; without: ``x̂·(1+w)`` and no gate.
+    """
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.dim = dim
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+        nn.init.zeros_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if cond is None:
+            return (xf * (1.0 + self.weight.float())).to(dt), None
+        mod = self.dense(cond).float()
+        scale, shift, gate = mod.chunk(3, dim=-1)
+        return (xf * (1.0 + scale) + shift).to(dt), gate.to(dt)
+
+
+def make_norm(cfg: ExpertConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.hidden_size
+    if cfg.adarms_cond_dim is not None:
+        return AdaRMSNorm(dim, cfg.adarms_cond_dim, cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, gemma=cfg.norm == "gemma_rms")
+
+
+class GatedFFN(nn.Module):
+    """SwiGLU (``silu``) or GeGLU (``gelu_tanh``): down(act(gate(x)) · up(x))."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.down_proj(g * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
+    """Half-split RoPE tables ``[B, N, head_dim]`` in fp32 (then cast), from integer position ids."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, H, d]`` rotated by half-split RoPE (not interleaved)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------- routing
+@dataclass
+class Routing:
+    """Index tensors of one pass: which flat tokens each active expert owns, and the inverse gather."""
+
+    batch_size: int
+    seq_len: int
+    index: dict[str, torch.Tensor]  # expert -> flat token indices (ascending)
+    inverse: torch.Tensor | None  # flat token -> row of cat([per-expert tokens..., one zero row]); None = identity
+    position_ids: torch.Tensor  # [B, N]
+
+    @classmethod
+    def from_layout(cls, layout: Layout) -> "Routing":
+        idx = layout.expert_indices()
+        B, N = layout.batch_size, layout.seq_len
+        total = sum(v.numel() for v in idx.values())
+        if len(idx) == 1 and total == B * N:
+            inverse = None
+        else:
+            inverse = torch.full((B * N,), total, dtype=torch.long, device=layout.expert_id.device)
+            off = 0
+            for v in idx.values():
+                inverse[v] = torch.arange(off, off + v.numel(), device=v.device)
+                off += v.numel()
+        return cls(B, N, idx, inverse, layout.position_ids)
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-expert ``[n_e, ...]`` tensors (in ``index`` order) -> ``[B*N, ...]`` (padding rows zero)."""
+        if self.inverse is None:
+            return parts[0]
+        cat = torch.cat(parts + [parts[0].new_zeros((1,) + tuple(parts[0].shape[1:]))], dim=0)
+        return cat[self.inverse]
+
+
+# ---------------------------------------------------------------------------------------------- cache
+@dataclass
+class PrefixCache:
+    """Per-layer K (after k-norm and RoPE) and V of a prefix, ``[B, Hkv, P, d]`` each, plus its layout.
+
+    Suffix passes read it and leave it unchanged; :meth:`append` extends it explicitly (decoding).
+    Tensors are not detached, so gradients flow through the cache in training.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    layout: Layout | None = None
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], layout: Layout | None = None) -> "PrefixCache":
+        if len(keys) != len(self.keys):
+            raise ValueError(f"append got {len(keys)} layers for a cache of {len(self.keys)}")
+        self.keys = [torch.cat([a, b], dim=2) for a, b in zip(self.keys, keys)]
+        self.values = [torch.cat([a, b], dim=2) for a, b in zip(self.values, values)]
+        if layout is not None:
+            self.layout = layout
+        return self
+
+    def clone(self) -> "PrefixCache":
+        return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.layout)
+
+
+@dataclass
+class MoTOutput:
+    hidden: dict[str, torch.Tensor]
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def cache(self, layout: Layout | None = None) -> PrefixCache:
+        return PrefixCache(self.keys, self.values, layout)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class ExpertBlock(nn.Module):
+    """One expert's share of a layer: pre-norm, q/k/v/o, optional q/k norm, post-norm, gated FFN."""
+
+    def __init__(self, cfg: ExpertConfig, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        D = cfg.hidden_size
+        self.input_layernorm = make_norm(cfg)
+        self.q_proj = nn.Linear(D, num_heads * head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, num_kv_heads * head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, num_kv_heads * head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            qk = ExpertConfig(head_dim, 1, norm=cfg.norm, norm_eps=cfg.norm_eps)
+            self.q_norm = make_norm(qk, head_dim)
+            self.k_norm = make_norm(qk, head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = GatedFFN(D, cfg.intermediate_size, cfg.ffn_act)
+
+
+class MoTLayer(nn.Module):
+    """One decoder layer owning every expert's block, with one shared attention over all tokens."""
+
+    def __init__(self, cfg: MoTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleDict({n: ExpertBlock(e, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                                      for n, e in cfg.experts.items()})
+
+    def forward(self, hidden: dict[str, torch.Tensor], routing: Routing, meta: MaskMeta, cos: torch.Tensor,
+                sin: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cond: dict[str, torch.Tensor] | None = None):
+        cfg = self.cfg
+        B, N = routing.batch_size, routing.seq_len
+        H, Hk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cond = cond or {}
+        qs, ks, vs, gates = [], [], [], {}
+        for e, x in hidden.items():
+            blk = self.experts[e]
+            h, gates[e] = blk.input_layernorm(x, cond.get(e))
+            q = blk.q_proj(h).view(-1, H, d)
+            k = blk.k_proj(h).view(-1, Hk, d)
+            if blk.q_norm is not None:
+                q = blk.q_norm(q)[0]
+                k = blk.k_norm(k)[0]
+            qs.append(q)
+            ks.append(k)
+            vs.append(blk.v_proj(h).view(-1, Hk, d))
+        q = apply_rope(routing.merge(qs).view(B, N, H, d), cos, sin).transpose(1, 2)
+        k = apply_rope(routing.merge(ks).view(B, N, Hk, d), cos, sin).transpose(1, 2)
+        v = routing.merge(vs).view(B, N, Hk, d).transpose(1, 2)
+        o = attention(q, k, v, meta, backend=cfg.attention_backend, prefix=prefix, scale=d ** -0.5)
+        o = o.transpose(1, 2).reshape(B * N, H * d)
+        out = {}
+        for e, x in hidden.items():
+            blk = self.experts[e]
+            oe = o if routing.inverse is None else o[routing.index[e]]
+            a = blk.o_proj(oe)
+            x = x + (a if gates[e] is None else gates[e] * a)
+            h, g = blk.post_attention_layernorm(x, cond.get(e))
+            f = blk.mlp(h)
+            out[e] = x + (f if g is None else g * f)
+        return out, k, v
+
+
+class MoTStack(nn.Module):
+    """The layers plus each expert's final norm.
+
+    ``forward(hidden, layout)`` runs a full pass over ``layout``. For a suffix pass reading a cached
+    prefix, ``layout`` is the whole sequence (prefix + suffix) and ``start`` the first suffix token:
+    ``hidden`` then holds the suffix tokens only (route them with ``layout.tokens(start)``).
+    """
+
+    def __init__(self, cfg: MoTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(MoTLayer(cfg) for _ in range(cfg.num_layers))
+        self.norms = nn.ModuleDict({n: make_norm(e) for n, e in cfg.experts.items()})
+        self.copy_init_experts()
+
+    @torch.no_grad()
+    def copy_init_experts(self):
+        """Initialise experts with ``init_from`` by copying (sliced to the leading corner) their source expert."""
+        for name, e in self.cfg.experts.items():
+            if e.init_from is None:
+                continue
+            for layer in self.layers:
+                copy_sliced(layer.experts[e.init_from], layer.experts[name])
+            copy_sliced(self.norms[e.init_from], self.norms[name])
+
+    def forward(self, hidden: dict[str, torch.Tensor], layout: Layout, *, start: int = 0,
+                cache: PrefixCache | None = None, cond: dict[str, torch.Tensor] | None = None,
+                meta: MaskMeta | None = None, return_kv: bool = False) -> MoTOutput:
+        if cache is not None and cache.length != start:
+            raise ValueError(f"suffix pass starts at token {start} but the cache holds {cache.length} tokens")
+        if start and cache is None:
+            raise ValueError("a pass starting after token 0 needs the prefix cache")
+        sub = layout.tokens(start) if start else layout
+        routing = Routing.from_layout(sub)
+        unknown = set(hidden) - set(routing.index)
+        missing = set(routing.index) - set(hidden)
+        if unknown or missing:
+            raise ValueError(f"hidden states for experts {sorted(hidden)} do not match the layout's active experts "
+                             f"{sorted(routing.index)}")
+        hidden = {e: hidden[e] for e in routing.index}  # routing order
+        for e, x in hidden.items():
+            if x.shape[0] != routing.index[e].numel():
+                raise ValueError(f"expert {e!r}: {x.shape[0]} hidden rows for {routing.index[e].numel()} tokens")
+        if meta is None:
+            meta = layout.mask_meta(slice(start, layout.seq_len), slice(0, layout.seq_len))
+        dtype = next(iter(hidden.values())).dtype
+        cos, sin = rope_cos_sin(routing.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            prefix = (cache.keys[i], cache.values[i]) if cache is not None else None
+            if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, k, v = checkpoint(layer, hidden, routing, meta, cos, sin, prefix, cond, use_reentrant=False)
+            else:
+                hidden, k, v = layer(hidden, routing, meta, cos, sin, prefix, cond)
+            if return_kv:
+                keys.append(k)
+                values.append(v)
+        cond = cond or {}
+        out = {e: self.norms[e](x, cond.get(e))[0] for e, x in hidden.items()}
+        return MoTOutput(out, keys, values)
+
+
+@torch.no_grad()
+def copy_sliced(src: nn.Module, dst: nn.Module):
+    """Copy every parameter of ``src`` into the same-named parameter of ``dst``, sliced to the common corner."""
+    sp = dict(src.named_parameters())
+    for n, p in dst.named_parameters():
+        if n not in sp:
+            continue
+        s = sp[n]
+        if s.dim() != p.dim():
+            continue
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(s.shape, p.shape))
+        p[sl].copy_(s[sl])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["ExpertConfig", "MoTConfig", "RMSNorm", "AdaRMSNorm", "GatedFFN", "rope_cos_sin", "apply_rope", "Routing",
+           "PrefixCache", "MoTOutput", "ExpertBlock", "MoTLayer", "MoTStack", "copy_sliced", "count_parameters"]
+_ = math
