@@ -1,0 +1,162 @@
+"""The ``vla-blocks`` command line.
+
+Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
+parameter counts per expert and in total, computed on the meta device: no weights allocated),
+``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
+other modules add through :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``).
+Errors print one line saying what is wrong and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from .config import ConfigError, list_recipes, parse_override
+
+# name -> (help, add_arguments(parser), run(args) -> int); filled by modules that add subcommands
+SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def parameter_tree(model: torch.nn.Module) -> "OrderedDict[str, int]":
+    """Parameter counts grouped by top-level component, and per expert inside MoT stacks."""
+    groups: OrderedDict[str, int] = OrderedDict()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        if "experts" in parts:
+            i = parts.index("experts")
+            key = ".".join(parts[:i - 2] if parts[i - 2] == "layers" else parts[:i]) + f" [expert {parts[i + 1]}]"
+        elif "norms" in parts:
+            i = parts.index("norms")
+            key = ".".join(parts[:i]) + f" [expert {parts[i + 1]}]"
+        groups[key] = groups.get(key, 0) + p.numel()
+    return groups
+
+
+def build_on_meta(ref: str, overrides: list[str]):
+    from .model import model_config
+    kv = dict(parse_override(o) for o in overrides)
+    cfg = model_config(ref, **kv)
+    with torch.device("meta"):
+        model = cfg.build()
+    return cfg, model
+
+
+def cmd_recipes(args) -> int:
+    for r in list_recipes():
+        print(r)
+    return 0
+
+
+def cmd_info(args) -> int:
+    cfg, model = build_on_meta(args.recipe, args.overrides)
+    print(f"{args.recipe}: {type(model).__name__} (type: {cfg.type})")
+    tree = parameter_tree(model)
+    width = max(len(k) for k in tree) if tree else 10
+    for k, n in tree.items():
+        print(f"  {k:<{width}}  {_fmt(n):>9}  ({n:,})")
+    total = sum(tree.values())
+    print(f"  {'total':<{width}}  {_fmt(total):>9}  ({total:,})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .model import create_model
+    names = args.recipes or [r for r in list_recipes() if r.endswith("-tiny")]
+    torch.manual_seed(args.seed)
+    failures = 0
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            model = create_model(name)
+            g = torch.Generator().manual_seed(args.seed)
+            batch = model.demo_batch(batch_size=2, generator=g)
+            model.train()
+            loss, metrics = model(batch)
+            loss.backward()
+            grads = sum(1 for p in model.parameters() if p.grad is not None)
+            model.eval()
+            with torch.no_grad():
+                out = model.demo_inference(batch)
+            dt = time.perf_counter() - t0
+            shown = ", ".join(f"{k}={_show(v)}" for k, v in metrics.items())
+            print(f"[ok] {name}: {_fmt(model.num_parameters())} params, loss {loss.item():.4f} ({shown}); "
+                  f"{grads} tensors got gradients; {dt:.1f}s")
+            for k, v in out.items():
+                print(f"     {k}: {_show(v)}")
+        except Exception as e:  # the demo reports every recipe, then fails at the end
+            failures += 1
+            print(f"[FAILED] {name}: {type(e).__name__}: {e}")
+    print(f"demo: {len(names) - failures}/{len(names)} tiny recipes ran")
+    return 1 if failures else 0
+
+
+def _show(v) -> str:
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1:
+            return f"{v.item():.4g}"
+        return f"tensor{list(v.shape)} mean {v.float().mean().item():.4g}" if v.is_floating_point() else \
+            f"{v.tolist()}" if v.numel() <= 16 else f"tensor{list(v.shape)}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) < 300 else s[:300] + "…"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vla-blocks", description="vla_blocks: building blocks for VLA models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("recipes", help="list the model recipes shipped with the package, one per line")
+    s.set_defaults(fn=cmd_recipes)
+    s = sub.add_parser("info", help="component tree with parameter counts (no weights allocated)")
+    s.add_argument("recipe", help="recipe name, recipe path, hf-hub:org/name or local-dir:path")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. experts.act.hidden_size=512")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
+    s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+    _load_subcommands()
+    for name, (help_, add, run) in SUBCOMMANDS.items():
+        s = sub.add_parser(name, help=help_)
+        add(s)
+        s.set_defaults(fn=run)
+    return p
+
+
+def _load_subcommands():
+    import importlib
+    for mod in ("vla_blocks.hub", "vla_blocks.convert", "vla_blocks.bench"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"vla-blocks {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
