@@ -1,1 +1,200 @@
-"""(placeholder: filled by its issue)."""
+"""Flow heads: the action head (pi0 / ACoT / HALO) and the visual-latent head (BAGEL / HALO images).
+
+Both map noisy data to expert tokens (``embed``) and expert outputs back to velocities (``decode``);
+time conditioning lives in :mod:`vla_blocks.conditioning` and is composed by the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conditioning import TimestepEmbedder, sincos_1d_table, sincos_2d_table
+
+__all__ = ["ActionHead", "PositionEmbedding2D", "VisualLatentHead"]
+
+
+class ActionHead(nn.Module):
+    """Action chunk ↔ tokens: ``in_proj`` (A→W) and ``out_proj`` (W→A, zero-initialised by default).
+
+    - ``action_dim`` is the model's (padded) action width A, e.g. 32 in openpi; real actions with fewer
+      dims are zero-padded by :meth:`pad` and :meth:`dim_mask` marks the real dims for the loss.
+    - ``horizon`` (optional) is checked on every call.
+    - ``state_dim`` (optional) adds pi0's ``state_proj`` (state padded to ``state_dim`` → one token).
+    - ``pos_embed="sincos"`` adds HALO's fixed 1-D table (:func:`sincos_1d_table`) to the tokens.
+
+    Example::
+
+        head = ActionHead(32, 1024, horizon=50, state_dim=32)
+        tokens = head.embed(x_t)              # [B, 50, 1024]
+        v = head.decode(expert_out)           # [B, 50, 32]
+        loss = flow_loss(v, u, dim_mask=head.dim_mask(7), reduction="mean")
+    """
+
+    def __init__(self, action_dim: int, width: int, zero_init_out: bool = True, horizon: int | None = None,
+                 state_dim: int | None = None, pos_embed: str = "none", bias: bool = True):
+        super().__init__()
+        if action_dim <= 0 or width <= 0:
+            raise ValueError(f"action_dim and width must be > 0, got {action_dim}, {width}")
+        if pos_embed not in ("none", "sincos"):
+            raise ValueError(f"unknown pos_embed {pos_embed!r} (valid: 'none', 'sincos')")
+        self.action_dim, self.width, self.horizon = action_dim, width, horizon
+        self.state_dim, self.pos_embed = state_dim, pos_embed
+        self.in_proj = nn.Linear(action_dim, width, bias=bias)
+        self.out_proj = nn.Linear(width, action_dim, bias=bias)
+        if zero_init_out:
+            nn.init.zeros_(self.out_proj.weight)
+            if bias:
+                nn.init.zeros_(self.out_proj.bias)
+        self.state_proj = nn.Linear(state_dim, width, bias=bias) if state_dim else None
+
+    @staticmethod
+    def _pad_last(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        if x.shape[-1] > n:
+            raise ValueError(f"{what} has {x.shape[-1]} dims, more than the head's {n}")
+        if x.shape[-1] == n:
+            return x
+        return torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+    def pad(self, actions: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the last dim to ``action_dim`` (openpi ``pad_to_dim``)."""
+        return self._pad_last(actions, self.action_dim, "actions")
+
+    def dim_mask(self, real_dim: int, device=None) -> torch.Tensor:
+        """Bool [action_dim], True for the first ``real_dim`` (real) dims."""
+        if not 0 < real_dim <= self.action_dim:
+            raise ValueError(f"real_dim must be in [1, {self.action_dim}], got {real_dim}")
+        return torch.arange(self.action_dim, device=device) < real_dim
+
+    def _check(self, x: torch.Tensor, last: int | None, what: str):
+        if x.ndim != 3:
+            raise ValueError(f"{what} must be [B, H, dims], got shape {tuple(x.shape)}")
+        if self.horizon is not None and x.shape[1] != self.horizon:
+            raise ValueError(f"{what} horizon {x.shape[1]} != head horizon {self.horizon}")
+        if last is not None and x.shape[-1] != last:
+            raise ValueError(f"{what} last dim {x.shape[-1]} != {last}")
+
+    def embed(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Noisy actions [B, H, ≤A] → tokens [B, H, W] (padded, projected, + 1-D table if enabled)."""
+        self._check(x_t, None, "x_t")
+        h = self.in_proj(self.pad(x_t).to(self.in_proj.weight.dtype))
+        if self.pos_embed == "sincos":
+            h = h + sincos_1d_table(h.shape[1], self.width, device=h.device).to(h.dtype)
+        return h
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert outputs [B, H, W] → velocities [B, H, A]."""
+        self._check(h, self.width, "h")
+        return self.out_proj(h)
+
+    def embed_state(self, state: torch.Tensor) -> torch.Tensor:
+        """pi0 state [B, ≤state_dim] → one token [B, 1, W]."""
+        if self.state_proj is None:
+            raise ValueError("this ActionHead has no state_proj (build it with state_dim=...)")
+        if state.ndim != 2:
+            raise ValueError(f"state must be [B, dims], got shape {tuple(state.shape)}")
+        s = self._pad_last(state, self.state_dim, "state").to(self.state_proj.weight.dtype)
+        return self.state_proj(s)[:, None, :]
+
+
+class PositionEmbedding2D(nn.Module):
+    """Frozen 2-D sincos table ``pos_embed`` [max_side², D] (BAGEL's ``PositionEmbedding``; a
+    non-trainable parameter so checkpoints keep the ``*.pos_embed`` key). ``forward(ids)`` looks up rows.
+
+    Example: ``PositionEmbedding2D(32, D)(ids)`` with ``ids = h·32 + w``.
+    """
+
+    def __init__(self, max_side: int, dim: int):
+        super().__init__()
+        self.max_side, self.dim = max_side, dim
+        self.pos_embed = nn.Parameter(sincos_2d_table(max_side, dim), requires_grad=False)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d_table(self.max_side, self.dim))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= self.max_side ** 2):
+            raise ValueError(f"position ids must be in [0, {self.max_side ** 2}), got range "
+                             f"[{int(position_ids.min())}, {int(position_ids.max())}]")
+        return self.pos_embed[position_ids]
+
+
+class VisualLatentHead(nn.Module):
+    """BAGEL/HALO image-latent head over a VAE latent [B, C, H, W] (FLUX: C = 16).
+
+    - :meth:`patchify` / :meth:`unpatchify`: p×p patches in BAGEL's channel-last order → [B, h·w, p²C].
+    - ``vae2llm`` (p²C→D), ``llm2vae`` (D→p²C, zero-init), ``time_embedder`` (:class:`TimestepEmbedder`,
+      optional) and ``latent_pos_embed`` (:class:`PositionEmbedding2D`, ids ``h·max_latent_size + w``).
+    - :meth:`embed`: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed(ids)``; :meth:`decode`: ``llm2vae``.
+
+    Example::
+
+        head = VisualLatentHead(D)
+        x0 = head.patchify(latent)                        # [B, h·w, 64]
+        tokens = head.embed(x_t, t, head.position_ids(h, w))
+        v = head.decode(expert_out)                       # [B, h·w, 64]
+    """
+
+    def __init__(self, width: int, latent_channels: int = 16, patch_size: int = 2, max_latent_size: int = 32,
+                 time_embedder: bool = True):
+        super().__init__()
+        self.width, self.latent_channels, self.patch_size = width, latent_channels, patch_size
+        self.max_latent_size = max_latent_size
+        self.patch_dim = patch_size * patch_size * latent_channels
+        self.vae2llm = nn.Linear(self.patch_dim, width)
+        self.llm2vae = nn.Linear(width, self.patch_dim)
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
+        self.time_embedder = TimestepEmbedder(width) if time_embedder else None
+        self.latent_pos_embed = PositionEmbedding2D(max_latent_size, width)
+
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] → [B, h·w, p·p·C]; crops H, W down to multiples of p; per token (p, q, c) order."""
+        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
+            raise ValueError(f"latent must be [B, {self.latent_channels}, H, W], got {tuple(latent.shape)}")
+        p = self.patch_size
+        B, C, H, W = latent.shape
+        h, w = H // p, W // p
+        if h == 0 or w == 0:
+            raise ValueError(f"latent {H}×{W} is smaller than one {p}×{p} patch")
+        x = latent[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, h·w, p·p·C] → [B, C, h·p, w·p] (inverse of :meth:`patchify`)."""
+        p, C = self.patch_size, self.latent_channels
+        if tokens.ndim != 3 or tokens.shape[1] != h * w or tokens.shape[2] != self.patch_dim:
+            raise ValueError(f"tokens must be [B, {h * w}, {self.patch_dim}], got {tuple(tokens.shape)}")
+        B = tokens.shape[0]
+        x = tokens.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, h * p, w * p)
+
+    def position_ids(self, h: int, w: int, device=None) -> torch.Tensor:
+        """Flattened 2-D ids ``i·max_latent_size + j`` for an h×w token grid (row-major), shape [h·w]."""
+        m = self.max_latent_size
+        if not (0 < h <= m and 0 < w <= m):
+            raise ValueError(f"token grid {h}×{w} exceeds max_latent_size {m} (or is empty)")
+        i = torch.arange(h, device=device)[:, None]
+        j = torch.arange(w, device=device)[None, :]
+        return (i * m + j).reshape(-1)
+
+    def embed(self, x_t: torch.Tensor, t: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
+        """Noisy patch tokens [..., N, p²C], time [...] (one per image; None to skip) and ids [N] or [..., N]
+        → [..., N, D]."""
+        if x_t.shape[-1] != self.patch_dim:
+            raise ValueError(f"x_t last dim must be {self.patch_dim}, got {tuple(x_t.shape)}")
+        h = self.vae2llm(x_t.to(self.vae2llm.weight.dtype))
+        h = h + self.latent_pos_embed(position_ids).to(h.dtype)
+        if t is not None:
+            if self.time_embedder is None:
+                raise ValueError("this VisualLatentHead has no time_embedder")
+            temb = self.time_embedder(t).to(h.dtype)
+            h = h + temb.unsqueeze(-2) if temb.ndim == h.ndim - 1 else h + temb
+        return h
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert outputs [..., N, D] → velocities [..., N, p²C]."""
+        if h.shape[-1] != self.width:
+            raise ValueError(f"h last dim must be {self.width}, got {tuple(h.shape)}")
+        return self.llm2vae(h)
