@@ -192,9 +192,8 @@ def _expand_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(float(t), device=x.device)
     _check_finite_t(t)
-    if t.ndim > x.ndim or tuple(t.shape) != tuple(x.shape[: t.ndim]) and t.ndim > 0:
-        if not all(a in (1, b) for a, b in zip(t.shape, x.shape)) or t.ndim > x.ndim:
-            raise ValueError(f"t of shape {tuple(t.shape)} must match the leading dims of x {tuple(x.shape)}")
+    if t.ndim > x.ndim or any(a not in (1, b) for a, b in zip(t.shape, x.shape)):
+        raise ValueError(f"t of shape {tuple(t.shape)} must match the leading dims of x {tuple(x.shape)}")
     return t.reshape(tuple(t.shape) + (1,) * (x.ndim - t.ndim))
 
 
@@ -328,8 +327,10 @@ def cfg_velocity(v_cond: torch.Tensor, v_no_text: torch.Tensor | None = None,
                  eps: float = 1e-8) -> torch.Tensor:
     """BAGEL's two-condition classifier-free guidance with norm clamping.
 
-    ``v_txt = v_no_text + text_scale·(v_cond − v_no_text)`` (skipped when ``v_no_text`` is None);
-    ``v_cfg = v_no_image + image_scale·(v_txt − v_no_image)`` (skipped when ``v_no_image`` is None);
+    ``v_txt = v_no_text + text_scale·(v_cond − v_no_text)`` (only when ``v_no_text`` is given and
+    ``text_scale > 1``); ``v_cfg = v_no_image + image_scale·(v_txt − v_no_image)`` (only when
+    ``v_no_image`` is given and ``image_scale > 1``); if neither applies ``v_cond`` is returned untouched
+    (as BAGEL, which skips guidance and renorm outside ``cfg_interval``);
     then ``v = v_cfg·clamp(‖v_cond‖ / (‖v_cfg‖ + eps), renorm_min, 1)`` where the norms are
 
     - ``renorm="global"``: over the whole tensor (BAGEL, batch 1 / one packed image). With
@@ -359,11 +360,16 @@ def cfg_velocity(v_cond: torch.Tensor, v_no_text: torch.Tensor | None = None,
         s = (_norm(v_ref, per_token) / (_norm(v, per_token) + eps)).clamp(min=renorm_min, max=1.0)
         return (v.float() * s).to(v.dtype)
 
-    v_txt = v_cond if v_no_text is None else v_no_text + text_scale * (v_cond - v_no_text)
+    use_text = v_no_text is not None and text_scale > 1.0
+    use_image = v_no_image is not None and image_scale > 1.0
+    if not (use_text or use_image):
+        return v_cond  # BAGEL: no guidance at all (and no renorm) when the scales are <= 1
+    v_txt = v_no_text + text_scale * (v_cond - v_no_text) if use_text else v_cond
     if renorm == "text_channel":
-        v_txt = _clamp(v_cond, v_txt, True)
-        return v_txt if v_no_image is None else v_no_image + image_scale * (v_txt - v_no_image)
-    v_cfg = v_txt if v_no_image is None else v_no_image + image_scale * (v_txt - v_no_image)
+        if use_text:
+            v_txt = _clamp(v_cond, v_txt, True)
+        return v_no_image + image_scale * (v_txt - v_no_image) if use_image else v_txt
+    v_cfg = v_no_image + image_scale * (v_txt - v_no_image) if use_image else v_txt
     if renorm == "none":
         return v_cfg
     return _clamp(v_cond, v_cfg, renorm == "channel")
