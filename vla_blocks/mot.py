@@ -81,6 +81,11 @@ class MoTConfig:
 
 
 # ---------------------------------------------------------------------------------------------- norms
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Norms accumulate in fp32 at least (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. ``gemma=True`` multiplies by ``1 + w`` (Gemma), else by ``w`` (Qwen2/Llama)."""
 
@@ -92,10 +97,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         dt = x.dtype
-        xf = x.float()
+        xf = x.to(_acc(dt))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
-            return (xf * (1.0 + self.weight.float())).to(dt), None
+            return (xf * (1.0 + self.weight.to(xf.dtype))).to(dt), None
         return self.weight * xf.to(dt), None
 
 
@@ -116,11 +121,11 @@ class AdaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         dt = x.dtype
-        xf = x.float()
+        xf = x.to(_acc(dt))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if cond is None:
-            return (xf * (1.0 + self.weight.float())).to(dt), None
-        mod = self.dense(cond).float()
+            return (xf * (1.0 + self.weight.to(xf.dtype))).to(dt), None
+        mod = self.dense(cond).to(xf.dtype)
         scale, shift, gate = mod.chunk(3, dim=-1)
         return (xf * (1.0 + scale) + shift).to(dt), gate.to(dt)
 
@@ -150,9 +155,10 @@ class GatedFFN(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- RoPE
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
-    """Half-split RoPE tables ``[B, N, head_dim]`` in fp32 (then cast), from integer position ids."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq
+    """Half-split RoPE tables ``[B, N, head_dim]`` computed in fp32 (fp64 for fp64), then cast, from integer ids."""
+    acc = _acc(dtype)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=acc) / head_dim))
+    freqs = position_ids.to(acc)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

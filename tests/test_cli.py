@@ -1,0 +1,53 @@
+"""The vla-blocks command line."""
+
+import pytest
+
+from vla_blocks.cli import main
+
+
+def test_recipes_lists_one_per_line(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert "mot-tiny" in lines and lines == sorted(lines)
+
+
+def test_info_counts_parameters_without_allocating(capsys):
+    assert main(["info", "mot-tiny", "experts.act.hidden_size=32"]) == 0
+    out = capsys.readouterr().out
+    total = int(out.strip().splitlines()[-1].split("(")[-1].rstrip(")").replace(",", ""))
+    from vla_blocks.model import create_model
+    assert total == create_model("mot-tiny").num_parameters()
+    assert "[expert act]" in out and "[expert und]" in out
+
+
+def test_info_with_misspelled_override_fails_and_suggests(capsys):
+    assert main(["info", "mot-tiny", "experts.act.hiden_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'hidden_size'" in err
+
+
+def test_info_large_recipe_is_cheap(capsys):
+    """A multi-billion-parameter override set is counted on the meta device."""
+    args = ["info", "mot-tiny", "backbone.config.hidden_size=2048", "backbone.config.intermediate_size=16384",
+            "backbone.config.num_hidden_layers=18", "backbone.config.num_attention_heads=8",
+            "backbone.config.num_key_value_heads=1", "backbone.config.head_dim=256",
+            "backbone.config.vocab_size=257152", "experts.act.hidden_size=1024"]
+    assert main(args) == 0
+    total = int(capsys.readouterr().out.strip().splitlines()[-1].split("(")[-1].rstrip(")").replace(",", ""))
+    assert total > 3e9
+
+
+def test_demo_runs_a_tiny_recipe(capsys):
+    assert main(["demo", "--recipes", "mot-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "[ok] mot-tiny" in out and "1/1" in out
+
+
+def test_help_for_every_subcommand(capsys):
+    from vla_blocks.cli import make_parser
+    parser = make_parser()
+    sub = [a for a in parser._actions if a.dest == "command"][0]
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0

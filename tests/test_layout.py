@@ -1,0 +1,160 @@
+"""Layout: the dense mask against hand-written BAGEL and openpi references, RoPE policies, routing helpers."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vla_blocks.layout import Layout, Part, Segment
+
+EXPERTS = ["und", "gen", "act"]
+
+
+# ------------------------------------------------------------------ hand-written upstream references
+def bagel_mask_per_sample(splits):
+    """BAGEL ``prepare_attention_mask_per_sample`` (reference halo_bagel.md §2.2), as a bool mask.
+
+    ``splits`` = list of (length, attn_mode). 1) rows of split [a,b) see every column < a; inside,
+    causal → lower triangle, full/noise → ones. 2) for every noise split, zero the column block and
+    set its own diagonal block back to ones.
+    """
+    L = sum(n for n, _ in splits)
+    m = torch.zeros(L, L, dtype=torch.bool)
+    a = 0
+    for n, mode in splits:
+        b = a + n
+        m[a:b, :a] = True
+        if mode == "causal":
+            m[a:b, a:b] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        else:
+            m[a:b, a:b] = True
+        a = b
+    a = 0
+    for n, mode in splits:
+        b = a + n
+        if mode == "noise":
+            m[:, a:b] = False
+            m[a:b, a:b] = True
+        a = b
+    return m
+
+
+def openpi_make_attn_mask(input_mask, ar_mask):
+    """openpi ``make_attn_mask`` (reference acot_pi0.md §3.3): cumsum blocks, causal across, AND validity."""
+    cs = torch.cumsum(ar_mask.long(), dim=-1)
+    att = cs[:, None, :] <= cs[:, :, None]
+    valid = input_mask[:, None, :] & input_mask[:, :, None]
+    return att & valid
+
+
+# ------------------------------------------------------------------ strategies
+segment_st = st.tuples(st.sampled_from(["causal", "full", "noise"]), st.integers(1, 5),
+                       st.sampled_from(EXPERTS), st.sampled_from(["sequential", "block", "block_hold"]))
+sample_st = st.lists(segment_st, min_size=1, max_size=5)
+
+
+def to_sample(spec, valid=None):
+    return [Segment.of(mode, e, n, f"l{i}_{e}", rope=rope) for i, (mode, n, e, rope) in enumerate(spec)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(sample_st, min_size=1, max_size=3), st.booleans(), st.integers(0, 7))
+def test_dense_mask_matches_bagel_per_sample_mask(samples, pack, extra_pad):
+    layout = Layout.from_samples([to_sample(s) for s in samples], EXPERTS, pack=pack,
+                                 pad_to=None if not extra_pad else
+                                 max(sum(n for _, n, _, _ in s) for s in samples) * (len(samples) if pack else 1) + extra_pad)
+    dense = layout.dense_mask()
+    B, N = layout.batch_size, layout.seq_len
+    expect = torch.zeros(B, N, N, dtype=torch.bool)
+    rows = [samples] if pack else [[s] for s in samples]
+    for b, row in enumerate(rows):
+        t = 0
+        for s in row:
+            m = bagel_mask_per_sample([(n, mode) for mode, n, _, _ in s])
+            L = m.shape[0]
+            expect[b, t:t + L, t:t + L] = m  # documents are block-diagonal
+            t += L
+    assert torch.equal(dense, expect)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=24))
+def test_dense_mask_matches_openpi_make_attn_mask(tokens):
+    """Each openpi ar-block (ar_mask True starts one) is one ``full`` segment of the layout."""
+    ar = torch.tensor([True] + [a for a, _ in tokens[1:]])
+    valid = torch.tensor([v for _, v in tokens])
+    segs, start = [], 0
+    bounds = torch.nonzero(ar).squeeze(-1).tolist() + [len(tokens)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        segs.append(Segment.of("full", "und", b - a, f"b{a}", valid=valid[a:b]))
+    layout = Layout.from_samples([segs], ["und"])
+    ref = openpi_make_attn_mask(valid[None], ar[None])
+    assert torch.equal(layout.dense_mask(), ref)
+
+
+def test_pi0_layout_prefix_state_actions_matches_openpi():
+    """pi0: [3 cameras (one masked) + text] full prefix, state token, action chunk (noise)."""
+    cam, txt, H = 4, 5, 3
+    valid_prefix = torch.tensor([1] * cam + [0] * cam + [1] * cam + [1, 1, 1, 0, 0], dtype=torch.bool)
+    layout = Layout.from_samples([[Segment.of("full", "und", 3 * cam + txt, "prefix", valid=valid_prefix),
+                                   Segment.of("full", "act", 1, "state"),
+                                   Segment.of("noise", "act", H, "actions")]], ["und", "act"])
+    input_mask = torch.cat([valid_prefix, torch.ones(1 + H, dtype=torch.bool)])
+    ar = torch.tensor([False] * (3 * cam + txt) + [True] + [True] + [False] * (H - 1))
+    assert torch.equal(layout.dense_mask()[0], openpi_make_attn_mask(input_mask[None], ar[None])[0])
+
+
+def test_rope_positions_follow_bagel_table():
+    """§2.1: text consecutive (rope += len); ViT image all = rope then +1; noisy VAE all = rope, no advance;
+    the clean copy after it shares that id; an action block shares one id and does not advance."""
+    s = [Segment.of("causal", "und", 3, "text"),
+         Segment("full", [Part("und", 1, "vs"), Part("und", 4, "vit"), Part("und", 1, "ve")], rope="block"),
+         Segment("noise", [Part("und", 1, "ns"), Part("gen", 4, "noisy"), Part("und", 1, "ne")], rope="block_hold"),
+         Segment("full", [Part("und", 1, "cs"), Part("gen", 4, "clean"), Part("und", 1, "ce")], rope="block"),
+         Segment.of("causal", "und", 2, "text2"),
+         Segment("noise", [Part("und", 1, "as"), Part("act", 3, "act"), Part("und", 1, "ae")], rope="block_hold")]
+    layout = Layout.from_samples([s, s[:1]], EXPERTS, pack=True)
+    pos = layout.position_ids[0].tolist()
+    expect = [0, 1, 2] + [3] * 6 + [4] * 6 + [4] * 6 + [5, 6] + [7] * 5 + [0, 1, 2]
+    assert pos == expect
+    assert layout.doc_id[0].tolist() == [0] * 28 + [1] * 3
+
+
+def test_sequential_positions_skip_invalid_and_hold():
+    s = [Segment.of("full", "und", 5, "p", valid=[1, 0, 1, 1, 0]),
+         Segment.of("noise", "act", 3, "ear", rope="sequential_hold"),
+         Segment.of("noise", "act", 2, "act")]
+    layout = Layout.from_samples([s], EXPERTS)
+    assert layout.position_ids[0].tolist() == [0, 0, 1, 2, 2, 3, 4, 5, 3, 4]
+
+
+def test_assemble_extract_roundtrip_and_tokens():
+    s = [Segment("full", [Part("und", 1, "ms"), Part("gen", 3, "lat"), Part("und", 1, "me")]),
+         Segment.of("causal", "und", 4, "text")]
+    layout = Layout.from_samples([s, s], EXPERTS)
+    emb = {"ms": torch.randn(2, 8), "me": torch.randn(2, 8), "text": torch.randn(8, 8), "lat": torch.randn(6, 5)}
+    hidden = layout.assemble(emb)
+    assert set(hidden) == {"und", "gen"} and hidden["und"].shape == (12, 8)
+    for k, v in emb.items():
+        assert torch.equal(layout.extract(hidden, k), v)
+    # the und tokens of row 0 come first and in token order: ms, text(4), me is at position 4 (after lat)
+    assert torch.equal(hidden["und"][0], emb["ms"][0]) and torch.equal(hidden["und"][1], emb["me"][0])
+    sub = layout.tokens(5)
+    assert torch.equal(sub.index("text"), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
+    assert "lat" not in sub.label_index
+    with pytest.raises(ValueError, match="cover"):
+        layout.assemble({"ms": emb["ms"], "text": emb["text"], "lat": emb["lat"]})
+    with pytest.raises(KeyError, match="not in this layout"):
+        layout.index("nope")
+
+
+def test_bad_segments_are_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        Segment.of("bidir", "und", 2, "x")
+    with pytest.raises(ValueError, match="rope"):
+        Segment.of("full", "und", 2, "x", rope="2d")
+    with pytest.raises(KeyError, match="expert"):
+        Layout.from_samples([[Segment.of("full", "vision", 2, "x")]], EXPERTS)
+    with pytest.raises(ValueError, match="valid"):
+        Layout.from_samples([[Segment.of("full", "und", 2, "x", valid=[1, 0, 1])]], EXPERTS)
+    with pytest.raises(ValueError, match="pad_to"):
+        Layout.from_samples([[Segment.of("full", "und", 4, "x")]], EXPERTS, pad_to=2)
