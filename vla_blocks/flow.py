@@ -327,10 +327,12 @@ def cfg_velocity(v_cond: torch.Tensor, v_no_text: torch.Tensor | None = None,
                  eps: float = 1e-8) -> torch.Tensor:
     """BAGEL's two-condition classifier-free guidance with norm clamping.
 
-    ``v_txt = v_no_text + text_scale·(v_cond − v_no_text)`` (only when ``v_no_text`` is given and
-    ``text_scale > 1``); ``v_cfg = v_no_image + image_scale·(v_txt − v_no_image)`` (only when
-    ``v_no_image`` is given and ``image_scale > 1``); if neither applies ``v_cond`` is returned untouched
-    (as BAGEL, which skips guidance and renorm outside ``cfg_interval``);
+    Guidance is on only when ``v_no_text`` is given and ``text_scale > 1`` (otherwise ``v_cond`` comes
+    back untouched, no renorm: BAGEL nests image guidance inside text guidance, and runs neither
+    outside ``cfg_interval``, where it sets both scales to 1). Then
+    ``v_txt = v_no_text + text_scale·(v_cond − v_no_text)``,
+    ``v_cfg = v_no_image + image_scale·(v_txt − v_no_image)`` (only when ``v_no_image`` is given and
+    ``image_scale > 1``; else ``v_cfg = v_txt``),
     then ``v = v_cfg·clamp(‖v_cond‖ / (‖v_cfg‖ + eps), renorm_min, 1)`` where the norms are
 
     - ``renorm="global"``: over the whole tensor (BAGEL, batch 1 / one packed image). With
@@ -360,14 +362,12 @@ def cfg_velocity(v_cond: torch.Tensor, v_no_text: torch.Tensor | None = None,
         s = (_norm(v_ref, per_token) / (_norm(v, per_token) + eps)).clamp(min=renorm_min, max=1.0)
         return (v.float() * s).to(v.dtype)
 
-    use_text = v_no_text is not None and text_scale > 1.0
+    if v_no_text is None or text_scale <= 1.0:
+        return v_cond  # BAGEL: no guidance at all (and no renorm) unless text guidance is on
     use_image = v_no_image is not None and image_scale > 1.0
-    if not (use_text or use_image):
-        return v_cond  # BAGEL: no guidance at all (and no renorm) when the scales are <= 1
-    v_txt = v_no_text + text_scale * (v_cond - v_no_text) if use_text else v_cond
+    v_txt = v_no_text + text_scale * (v_cond - v_no_text)
     if renorm == "text_channel":
-        if use_text:
-            v_txt = _clamp(v_cond, v_txt, True)
+        v_txt = _clamp(v_cond, v_txt, True)
         return v_no_image + image_scale * (v_txt - v_no_image) if use_image else v_txt
     v_cfg = v_no_image + image_scale * (v_txt - v_no_image) if use_image else v_txt
     if renorm == "none":
