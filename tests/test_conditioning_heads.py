@@ -1,0 +1,254 @@
+"""Time conditioning, sinusoidal tables and the flow heads, against hand-written upstream formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vla_blocks.conditioning import (AdaRMSTimeMLP, ConcatTimeMLP, TimestepEmbedder, posemb_sincos,
+                                     sincos_1d_table, sincos_2d_table, timestep_sinusoid)
+from vla_blocks.flow import flow_loss
+from vla_blocks.heads import ActionHead, PositionEmbedding2D, VisualLatentHead
+from vla_blocks.mot import AdaRMSNorm
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- oracles (numpy)
+def np_posemb_sincos(pos, dim, min_period, max_period):
+    """openpi posemb_sincos (pi0.py L47-63)."""
+    fraction = np.linspace(0.0, 1.0, dim // 2)
+    period = min_period * (max_period / min_period) ** fraction
+    x = np.einsum("i,j->ij", pos, 1.0 / period * 2 * np.pi)
+    return np.concatenate([np.sin(x), np.cos(x)], axis=-1)
+
+
+def np_dit_timestep(t, dim, max_period=10000):
+    """DiT timestep_embedding: [cos ‖ sin], freqs exp(−log(max_period)·k/half)."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(half) / half)
+    args = t[:, None] * freqs[None]
+    emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def np_halo_1d(length, dim):
+    """HALO apply_sinusoidal_pos_embedding: [sin ‖ cos], exponent log(1e4)/(dim/2 − 1)."""
+    half = dim // 2
+    freqs = np.exp(-np.arange(half) * math.log(10000) / (half - 1))
+    args = np.arange(length)[:, None] * freqs[None]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+
+
+def np_mae_2d(dim, grid_size):
+    """MAE get_2d_sincos_pos_embed (used by BAGEL): meshgrid(w, h), first half from grid[0]."""
+    def one_d(d, pos):
+        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+        omega = 1.0 / 10000 ** omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh = np.arange(grid_size, dtype=np.float64)
+    gw = np.arange(grid_size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid_size, grid_size)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def test_posemb_sincos_matches_openpi():
+    t = torch.tensor([0.001, 0.25, 0.5, 0.999, 1.0])
+    for dim in (8, 64, 1024):
+        out = posemb_sincos(t, dim)
+        assert out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), np_posemb_sincos(t.double().numpy(), dim, 4e-3, 4.0), atol=1e-6)
+    np.testing.assert_allclose(posemb_sincos(t, 16, 1e-2, 10.0).numpy(),
+                               np_posemb_sincos(t.double().numpy(), 16, 1e-2, 10.0), atol=1e-6)
+
+
+def test_timestep_sinusoid_matches_dit_raw_t():
+    t = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    for dim in (256, 33):
+        np.testing.assert_allclose(timestep_sinusoid(t, dim).numpy(), np_dit_timestep(t.double().numpy(), dim),
+                                   atol=1e-6)
+    # raw t in [0, 1]: t = 0 gives cos = 1, sin = 0
+    e0 = timestep_sinusoid(torch.zeros(1))
+    assert torch.equal(e0[0, :128], torch.ones(128)) and torch.equal(e0[0, 128:], torch.zeros(128))
+
+
+def test_sincos_1d_table_matches_halo():
+    np.testing.assert_allclose(sincos_1d_table(16, 64).numpy(), np_halo_1d(16, 64), atol=1e-6)
+    # different from the MAE/DiT exponent (divides by half − 1, not half)
+    assert not np.allclose(np_halo_1d(16, 64)[:, :32], np.sin(np.arange(16)[:, None] *
+                           np.exp(-np.arange(32) * math.log(1e4) / 32)[None]))
+
+
+def test_sincos_2d_table_matches_bagel_mae_and_is_size_independent():
+    for side, dim in ((4, 16), (7, 32)):
+        np.testing.assert_allclose(sincos_2d_table(side, dim).numpy(), np_mae_2d(dim, side), atol=1e-6)
+    big, small = sincos_2d_table(32, 64), sincos_2d_table(8, 64)
+    for h, w in ((0, 0), (3, 5), (7, 2)):
+        torch.testing.assert_close(big[h * 32 + w], small[h * 8 + w])
+    # first half encodes the column (w), second half the row (h)
+    assert torch.equal(big[0 * 32 + 5, :32], big[9 * 32 + 5, :32])
+    assert torch.equal(big[4 * 32 + 0, 32:], big[4 * 32 + 9, 32:])
+
+
+def test_table_bad_input():
+    with pytest.raises(ValueError):
+        posemb_sincos(torch.rand(2), 7)
+    with pytest.raises(ValueError, match="NaN"):
+        posemb_sincos(torch.tensor([float("nan")]), 8)
+    with pytest.raises(ValueError, match="NaN"):
+        timestep_sinusoid(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError):
+        sincos_2d_table(4, 6)
+    with pytest.raises(ValueError):
+        sincos_1d_table(4, 2)
+
+
+# ---------------------------------------------------------------------------------------------- time modules
+def test_timestep_embedder_keys_and_values():
+    emb = TimestepEmbedder(32)
+    assert sorted(emb.state_dict()) == ["mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"]
+    assert emb.mlp[0].weight.shape == (32, 256)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    s = torch.from_numpy(np_dit_timestep(t.double().numpy(), 256)).float()
+    ref = F.linear(F.silu(F.linear(s, emb.mlp[0].weight, emb.mlp[0].bias)), emb.mlp[2].weight, emb.mlp[2].bias)
+    torch.testing.assert_close(emb(t), ref)
+
+
+def test_concat_time_mlp_is_pi0():
+    W, B, H = 16, 2, 5
+    m = ConcatTimeMLP(W)
+    a = torch.randn(B, H, W, generator=gen(0))
+    t = torch.tensor([0.2, 0.9])
+    temb = torch.from_numpy(np_posemb_sincos(t.double().numpy(), W, 4e-3, 4.0)).float()
+    x = torch.cat([a, temb[:, None].expand(B, H, W)], -1)
+    ref = m.action_time_mlp_out(F.silu(m.action_time_mlp_in(x)))
+    torch.testing.assert_close(m(a, t), ref)
+    assert m.action_time_mlp_in.weight.shape == (W, 2 * W)
+    with pytest.raises(ValueError):
+        m(a, torch.rand(3))
+    with pytest.raises(ValueError):
+        m(a[..., :8], t)
+
+
+def test_adarms_time_mlp_is_pi05_and_drives_adarms_norm():
+    W = 16
+    m = AdaRMSTimeMLP(W)
+    t = torch.tensor([0.1, 0.7])
+    temb = torch.from_numpy(np_posemb_sincos(t.double().numpy(), W, 4e-3, 4.0)).float()
+    ref = F.silu(m.time_mlp_out(F.silu(m.time_mlp_in(temb))))
+    cond = m(t)
+    torch.testing.assert_close(cond, ref)
+    norm = AdaRMSNorm(W, W)
+    nn_init = torch.nn.init
+    nn_init.normal_(norm.dense.weight, std=0.1)
+    x = torch.randn(2, 5, W, generator=gen(1))
+    y, gate = norm(x, cond[:, None, :].expand(2, 5, W))
+    scale, shift, g = norm.dense(cond).chunk(3, -1)
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(y, xn * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(gate, g[:, None].expand(2, 5, W))
+
+
+# ---------------------------------------------------------------------------------------------- action head
+def test_action_head_pad_embed_decode_and_loss_mask():
+    head = ActionHead(32, 24, horizon=10, state_dim=32)
+    a = torch.randn(2, 10, 7, generator=gen(0))
+    padded = head.pad(a)
+    assert torch.equal(padded[..., :7], a) and torch.equal(padded[..., 7:], torch.zeros(2, 10, 25))
+    torch.testing.assert_close(head.embed(a), F.linear(padded, head.in_proj.weight, head.in_proj.bias))
+    h = torch.randn(2, 10, 24, generator=gen(1))
+    assert torch.equal(head.decode(h), torch.zeros(2, 10, 32))  # zero-initialised output projection
+    dm = head.dim_mask(7)
+    assert dm.tolist() == [True] * 7 + [False] * 25
+    v, u = torch.randn(2, 10, 32, generator=gen(2)), torch.randn(2, 10, 32, generator=gen(3))
+    torch.testing.assert_close(flow_loss(v, u, dim_mask=dm, reduction="mean"), ((v - u)[..., :7] ** 2).mean())
+    s = torch.randn(2, 8, generator=gen(4))
+    torch.testing.assert_close(head.embed_state(s), F.linear(F.pad(s, (0, 24)), head.state_proj.weight,
+                                                             head.state_proj.bias)[:, None])
+
+
+def test_action_head_halo_sincos_and_init():
+    head = ActionHead(14, 32, zero_init_out=False, pos_embed="sincos")
+    a = torch.randn(3, 16, 14, generator=gen(0))
+    ref = head.in_proj(a) + torch.from_numpy(np_halo_1d(16, 32)).float()
+    torch.testing.assert_close(head.embed(a), ref)
+    assert head.out_proj.weight.abs().sum() > 0 and head.state_proj is None
+
+
+def test_action_head_bad_input():
+    head = ActionHead(8, 16, horizon=4)
+    with pytest.raises(ValueError, match="horizon"):
+        head.embed(torch.zeros(1, 5, 8))
+    with pytest.raises(ValueError, match="more than"):
+        head.embed(torch.zeros(1, 4, 9))
+    with pytest.raises(ValueError):
+        head.embed(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="state_proj"):
+        head.embed_state(torch.zeros(1, 8))
+    with pytest.raises(ValueError):
+        head.dim_mask(9)
+    with pytest.raises(ValueError):
+        ActionHead(8, 16, pos_embed="rope")
+
+
+# ---------------------------------------------------------------------------------------------- visual latent head
+def bagel_patchify(latent, p):
+    """BAGEL bagel.py L184-188, one image [C, H, W]: crop, (c,h,p,w,p) → (h,w,p,q,c) → [h·w, p²C]."""
+    c, H, W = latent.shape
+    h, w = H // p, W // p
+    x = latent[:, : h * p, : w * p].reshape(c, h, p, w, p)
+    x = torch.einsum("chpwq->hwpqc", x)
+    return x.reshape(-1, p * p * c)
+
+
+def test_visual_latent_patchify_matches_bagel_and_round_trips():
+    head = VisualLatentHead(32, latent_channels=16, patch_size=2, max_latent_size=8)
+    lat = torch.randn(2, 16, 9, 6, generator=gen(0))  # odd height is cropped
+    tok = head.patchify(lat)
+    assert tok.shape == (2, 4 * 3, 64)
+    for b in range(2):
+        torch.testing.assert_close(tok[b], bagel_patchify(lat[b], 2), rtol=0, atol=0)
+    back = head.unpatchify(tok, 4, 3)
+    torch.testing.assert_close(back, lat[:, :, :8, :6], rtol=0, atol=0)
+    # channel-last inside the patch: the first 16 values are the 16 channels of the top-left pixel
+    torch.testing.assert_close(tok[0, 0, :16], lat[0, :, 0, 0], rtol=0, atol=0)
+
+
+def test_visual_latent_embed_decode_and_keys():
+    head = VisualLatentHead(32, max_latent_size=8)
+    keys = set(head.state_dict())
+    assert {"vae2llm.weight", "llm2vae.weight", "time_embedder.mlp.0.weight",
+            "latent_pos_embed.pos_embed"} <= keys
+    assert head.latent_pos_embed.pos_embed.shape == (64, 32) and not head.latent_pos_embed.pos_embed.requires_grad
+    ids = head.position_ids(3, 4)
+    assert ids.tolist() == [i * 8 + j for i in range(3) for j in range(4)]
+    x = torch.randn(2, 12, 64, generator=gen(1))
+    t = torch.tensor([0.2, 0.8])
+    ref = head.vae2llm(x) + head.time_embedder(t)[:, None] + torch.from_numpy(np_mae_2d(32, 8)).float()[ids]
+    torch.testing.assert_close(head.embed(x, t, ids), ref)
+    assert torch.equal(head.decode(torch.randn(2, 12, 32)), torch.zeros(2, 12, 64))  # llm2vae zero-init
+
+
+def test_visual_latent_bad_input():
+    head = VisualLatentHead(32, max_latent_size=4)
+    with pytest.raises(ValueError):
+        head.patchify(torch.zeros(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="smaller"):
+        head.patchify(torch.zeros(1, 16, 1, 4))
+    with pytest.raises(ValueError, match="max_latent_size"):
+        head.position_ids(5, 2)
+    with pytest.raises(ValueError):
+        head.unpatchify(torch.zeros(1, 6, 64), 2, 2)
+    with pytest.raises(ValueError, match="position ids"):
+        PositionEmbedding2D(4, 8)(torch.tensor([16]))
+    with pytest.raises(ValueError):
+        head.embed(torch.zeros(1, 4, 63), None, torch.arange(4))
