@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -144,6 +146,13 @@ def _load_hf_vision(model_cls, config_cls, cfg, defaults: dict):
     if cfg.pretrained is not None:
         return model_cls.from_pretrained(cfg.pretrained, local_files_only=True)
     conf = {**defaults, **cfg.config}
+    known = set(inspect.signature(config_cls.__init__).parameters) | set(config_cls().to_dict())
+    known |= {"attn_implementation"}
+    unknown = sorted(k for k in conf if k not in known)
+    if unknown:  # transformers configs swallow unknown keys silently
+        close = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise ValueError(f"{type(cfg).__name__}: bad config: unknown {config_cls.__name__} keys {hints}")
     try:
         hf_cfg = config_cls(**conf)
     except TypeError as e:
