@@ -176,12 +176,20 @@ def test_action_head_pad_embed_decode_and_loss_mask():
                                                              head.state_proj.bias)[:, None])
 
 
-def test_action_head_halo_sincos_and_init():
-    head = ActionHead(14, 32, zero_init_out=False, pos_embed="sincos")
+def test_action_head_halo_sincos_time_and_init():
+    head = ActionHead(14, 32, zero_init_out=False, pos_embed="sincos", time_embedder=True)
     a = torch.randn(3, 16, 14, generator=gen(0))
     ref = head.in_proj(a) + torch.from_numpy(np_halo_1d(16, 32)).float()
     torch.testing.assert_close(head.embed(a), ref)
+    # HALO: input_linear_layer(a_t) + action_time_embedder(t) + sincos(arange(L))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(head.embed(a, t), ref + head.time_embedder(t)[:, None])
+    torch.testing.assert_close(head.embed(a, torch.tensor(0.5)), ref + head.time_embedder(t[1:2].expand(3))[:, None])
     assert head.out_proj.weight.abs().sum() > 0 and head.state_proj is None
+    with pytest.raises(ValueError, match="NaN"):
+        head.embed(a, torch.tensor([0.1, float("nan"), 0.2]))
+    with pytest.raises(ValueError, match="time_embedder"):
+        ActionHead(14, 32).embed(a, t)
 
 
 def test_action_head_bad_input():

@@ -8,7 +8,7 @@ Example::
     vision = SiglipVision(config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, image_size=28, patch_size=14)).build()
     feats = vision(preprocess_images(images_uint8, size=28))      # [B, 4, 32]
-    vae = FluxVAE(config=TINY_VAE_CONFIG).build()
+    vae = FluxVAE(config=FLUX_VAE_CONFIG).build()                 # or pretrained="/local/flux-vae"
     latent = vae.encode(pixels)                                   # 0.3611·(mean − 0.1159)
 """
 
@@ -86,7 +86,12 @@ def preprocess_images(images: torch.Tensor, size: int | tuple[int, int] = 224, f
 
 # ---------------------------------------------------------------------------------------------- vision slot
 class VisionConfig(ComponentConfig, slot="vision"):
-    """Slot base of vision towers; ``build()`` returns an ``nn.Module`` with ``out_dim``."""
+    """Slot base of vision towers; ``build()`` returns an ``nn.Module`` with ``out_dim``.
+
+    Example (a recipe field ``vision: VisionConfig``)::
+
+        vision = decode(VisionConfig, {"type": "siglip", "pretrained": "/ckpt/siglip", "num_layers": 26})
+    """
 
 
 @register("vision", "siglip")
@@ -116,6 +121,9 @@ class Siglip2NaViT(VisionConfig):
     """Native-aspect-ratio SigLIP2 (transformers ``Siglip2VisionModel``), variable patches per image.
 
     Returns packed features [N_total, C] plus per-image token counts and (h, w) grids.
+    Note: transformers' SigLIP2 *interpolates* a learned square position grid to each (h, w); BAGEL/HALO's
+    own ``siglip_navit`` (SigLIP-so400m, Linear patch embed, 70×70 learned ids ``h·70 + w``) is a different
+    tower and is not reproduced here.
     Example: ``feats, counts, grids = Siglip2NaViT(config=cfg).build()(images_list)``.
     """
 
@@ -190,7 +198,10 @@ class SiglipVisionEncoder(nn.Module):
 
 def navit_size(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5) -> tuple[int, int]:
     """SigLIP2's target size: the largest scale (binary search) whose patch-rounded-up size
-    ``max(p, ceil(s·side / p)·p)`` keeps ``(h/p)·(w/p) ≤ max_num_patches``. Returns (height, width) in pixels."""
+    ``max(p, ceil(s·side / p)·p)`` keeps ``(h/p)·(w/p) ≤ max_num_patches``. Returns (height, width) in pixels.
+
+    Example: ``navit_size(480, 640, 16, 256)`` → ``(224, 288)`` (14×18 = 252 patches).
+    """
     def scaled(scale, side):
         return int(max(patch_size, math.ceil(side * scale / patch_size) * patch_size))
 
@@ -314,7 +325,10 @@ class Connector(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- VAE slot
 class VAEConfig(ComponentConfig, slot="vae"):
-    """Slot base of image autoencoders; ``build()`` returns a module with ``encode`` / ``decode``."""
+    """Slot base of image autoencoders; ``build()`` returns a module with ``encode`` / ``decode``.
+
+    Example: ``vae = decode(VAEConfig, {"type": "flux_vae", "pretrained": "/ckpt/FLUX.1-dev/vae"}).build()``.
+    """
 
 
 #: diffusers ``AutoencoderKL`` config of the FLUX.1 VAE (``ch_mult`` [1, 2, 4, 4] ×128, 16 latent channels).
@@ -332,6 +346,9 @@ FLUX_VAE_CONFIG: dict[str, Any] = {
 class FluxVAE(VAEConfig):
     """FLUX VAE over diffusers ``AutoencoderKL``: 16 latent channels, ×8 downsampling,
     ``latent = scaling·(posterior_mean − shift)`` with scaling 0.3611 and shift 0.1159; decode inverts.
+
+    ``pretrained`` is a local diffusers-format folder (``config.json`` + weights). BAGEL/HALO ship the VAE
+    as ``ae.safetensors`` in the original FLUX (BFL) key names, which need a key conversion first.
 
     Example: ``FluxVAE(pretrained="/ckpt/flux-vae").build().encode(pixels)``.
     """

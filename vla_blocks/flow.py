@@ -61,7 +61,10 @@ def _gen_device(generator, device):
 
 # ---------------------------------------------------------------------------------------------- time samplers
 class TimeSamplerConfig(ComponentConfig, slot="time_sampler"):
-    """Slot base of training-time samplers. ``sample`` always returns float32 t in [0, 1]."""
+    """Slot base of training-time samplers. ``sample`` always returns float32 t in [0, 1].
+
+    Example (a recipe field): ``decode(TimeSamplerConfig, {"type": "beta"}).sample((B,), generator=g)``.
+    """
 
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         raise NotImplementedError

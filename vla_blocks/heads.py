@@ -22,17 +22,23 @@ class ActionHead(nn.Module):
     - ``horizon`` (optional) is checked on every call.
     - ``state_dim`` (optional) adds pi0's ``state_proj`` (state padded to ``state_dim`` → one token).
     - ``pos_embed="sincos"`` adds HALO's fixed 1-D table (:func:`sincos_1d_table`) to the tokens.
+    - ``time_embedder=True`` adds HALO's ``time_embedder`` (:class:`TimestepEmbedder`); then
+      ``embed(x_t, t)`` adds ``time_embedder(t)`` to every token (pi0 uses ConcatTimeMLP / AdaRMSTimeMLP
+      from :mod:`vla_blocks.conditioning` instead).
 
     Example::
 
         head = ActionHead(32, 1024, horizon=50, state_dim=32)
         tokens = head.embed(x_t)              # [B, 50, 1024]
+        halo = ActionHead(14, D, pos_embed="sincos", time_embedder=True)
+        tokens = halo.embed(x_t, t)           # in(x_t) + time_embedder(t) + sincos(arange(L))
         v = head.decode(expert_out)           # [B, 50, 32]
         loss = flow_loss(v, u, dim_mask=head.dim_mask(7), reduction="mean")
     """
 
     def __init__(self, action_dim: int, width: int, zero_init_out: bool = True, horizon: int | None = None,
-                 state_dim: int | None = None, pos_embed: str = "none", bias: bool = True):
+                 state_dim: int | None = None, pos_embed: str = "none", bias: bool = True,
+                 time_embedder: bool = False):
         super().__init__()
         if action_dim <= 0 or width <= 0:
             raise ValueError(f"action_dim and width must be > 0, got {action_dim}, {width}")
@@ -47,6 +53,7 @@ class ActionHead(nn.Module):
             if bias:
                 nn.init.zeros_(self.out_proj.bias)
         self.state_proj = nn.Linear(state_dim, width, bias=bias) if state_dim else None
+        self.time_embedder = TimestepEmbedder(width) if time_embedder else None
 
     @staticmethod
     def _pad_last(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -74,10 +81,20 @@ class ActionHead(nn.Module):
         if last is not None and x.shape[-1] != last:
             raise ValueError(f"{what} last dim {x.shape[-1]} != {last}")
 
-    def embed(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Noisy actions [B, H, ≤A] → tokens [B, H, W] (padded, projected, + 1-D table if enabled)."""
+    def embed(self, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Noisy actions [B, H, ≤A] → tokens [B, H, W] (padded, projected, + 1-D table if enabled,
+        + ``time_embedder(t)`` for t [B] or a scalar if given)."""
         self._check(x_t, None, "x_t")
         h = self.in_proj(self.pad(x_t).to(self.in_proj.weight.dtype))
+        if t is not None:
+            if self.time_embedder is None:
+                raise ValueError("this ActionHead has no time_embedder (build it with time_embedder=True)")
+            t = torch.as_tensor(t, dtype=torch.float32, device=h.device)
+            if t.ndim == 0:
+                t = t.expand(h.shape[0])
+            if t.shape != h.shape[:1]:
+                raise ValueError(f"t must be [B={h.shape[0]}] or a scalar, got {tuple(t.shape)}")
+            h = h + self.time_embedder(t).to(h.dtype)[:, None, :]
         if self.pos_embed == "sincos":
             h = h + sincos_1d_table(h.shape[1], self.width, device=h.device).to(h.dtype)
         return h
