@@ -67,6 +67,15 @@ class TileSummary:
 
         return (*ordered(partial), *ordered(full))
 
+    def transposed(self) -> "TileSummary":
+        """The summary with the q and k sides swapped: ``state`` ``[B, Mk, Mq]``, ``block_m``/``block_n`` swapped."""
+        return TileSummary(self.state.transpose(1, 2).contiguous(), self.block_n, self.block_m)
+
+    def q_lists(self):
+        """Ordered lists per k tile (the dK/dV backward's loop): (partial counts ``[B, Mk]``, partial q-tile
+        indices ``[B, Mk, Mq]``, full counts, full indices), like :meth:`kv_lists` on the transposed summary."""
+        return self.transposed().kv_lists()
+
 
 def _tile_reduce(x: torch.Tensor, block: int, pad_value: int, op: str) -> torch.Tensor:
     B, n = x.shape
@@ -121,6 +130,23 @@ class MaskMeta:
     def to(self, device) -> "MaskMeta":
         return MaskMeta(*(getattr(self, n).to(device) for n in
                           ("q_idx", "q_doc", "q_seg", "q_flags", "k_idx", "k_doc", "k_seg", "k_flags")))
+
+    def with_invalid_keys(self, at: int, count: int) -> "MaskMeta":
+        """A copy whose key side has ``count`` invalid keys inserted before key ``at`` (the query side is shared).
+
+        Invalid keys are never attended and are neutral in tile statistics, so the mask of the original
+        keys is unchanged. Kernels use this to align a cached prefix to their key-tile size.
+        """
+        if not 0 <= at <= self.k_len or count < 0:
+            raise ValueError(f"cannot insert {count} keys at {at} into {self.k_len} keys")
+        B = self.batch_size
+
+        def ins(t, fill):
+            pad = t.new_full((B, count), fill)
+            return torch.cat([t[:, :at], pad, t[:, at:]], dim=1)
+
+        return MaskMeta(self.q_idx, self.q_doc, self.q_seg, self.q_flags,
+                        ins(self.k_idx, 0), ins(self.k_doc, -1), ins(self.k_seg, -1), ins(self.k_flags, 0))
 
     def vectors(self) -> tuple[torch.Tensor, ...]:
         return (self.q_idx, self.q_doc, self.q_seg, self.q_flags, self.k_idx, self.k_doc, self.k_seg, self.k_flags)
