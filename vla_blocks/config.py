@@ -323,9 +323,23 @@ def apply_overrides(data: dict, overrides: dict[str, Any], file: str | None = No
         last = parts[-1]
         if last == "type" and node.get("type") != val:
             # switching component: keep only fields the new component also has
-            node.clear() if not isinstance(val, str) else None
+            if not isinstance(val, str):
+                node.clear()
+            else:
+                _keep_fields_of(node, node.get("type"), val)
         node[last] = val
     return data
+
+
+def _keep_fields_of(node: dict, old_type, new_type: str):
+    """Drop the keys of ``node`` that the component ``new_type`` (of the slot that also has ``old_type``) lacks."""
+    _load_plugins()
+    for reg in _REGISTRY.values():
+        if old_type in reg and new_type in reg:
+            keep = {f.name for f in fields(reg[new_type]) if f.init}
+            for k in [k for k in node if k != "type" and k not in keep]:
+                del node[k]
+            return
 
 
 def _deepcopy(x):
