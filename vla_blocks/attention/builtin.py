@@ -14,16 +14,23 @@ from .meta import allowed_pairs
 
 
 def _empty_safe_dense_mask(meta):
-    """The dense mask with fully masked rows opened (their output is zeroed afterwards), so no NaN reaches autograd."""
+    """The dense mask with fully masked rows opened (their output is zeroed afterwards), so no NaN reaches
+    autograd; ``None`` for the rows when no row is empty."""
     def build():
         m = meta.dense()
         empty = ~m.any(-1, keepdim=True)
+        if not bool(empty.any()):
+            return m, None
         return m | empty, empty
     return meta.cached("dense_empty_safe", build)
 
 
 class SDPABackend(AttentionBackend):
-    """``torch.nn.functional.scaled_dot_product_attention`` with the dense boolean mask (the oracle path)."""
+    """``torch.nn.functional.scaled_dot_product_attention`` with the dense boolean mask (the oracle path).
+
+    A plain causal pass (one document per row, every token valid, causal segments only) runs with
+    ``is_causal=True`` and no mask tensor, which lets PyTorch pick its flash kernel.
+    """
 
     name = "sdpa"
 
@@ -32,13 +39,12 @@ class SDPABackend(AttentionBackend):
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
         k, v = inp.full_kv()
+        gqa = inp.q.shape[1] != k.shape[1]
+        if inp.prefix is None and inp.meta.is_plain_causal():
+            return F.scaled_dot_product_attention(inp.q, k, v, is_causal=True, scale=inp.scale, enable_gqa=gqa)
         mask, empty = _empty_safe_dense_mask(inp.meta)
-        hq, hk = inp.q.shape[1], k.shape[1]
-        if hq != hk:
-            k = k.repeat_interleave(hq // hk, dim=1)
-            v = v.repeat_interleave(hq // hk, dim=1)
-        out = F.scaled_dot_product_attention(inp.q, k, v, attn_mask=mask[:, None], scale=inp.scale)
-        return out.masked_fill(empty[:, None], 0.0)
+        out = F.scaled_dot_product_attention(inp.q, k, v, attn_mask=mask[:, None], scale=inp.scale, enable_gqa=gqa)
+        return out if empty is None else out.masked_fill(empty[:, None], 0.0)
 
 
 def flex_block_mask(meta, block_size: int = 128):

@@ -177,6 +177,20 @@ class MaskMeta:
             total += int(allowed_pairs(*q, *k).sum())
         return total
 
+    def is_plain_causal(self) -> bool:
+        """True when the mask is exactly ``k ≤ q`` on a square pass: every token valid, one document per row,
+        no bidirectional segment, and queries and keys are the same tokens. O(N), cached."""
+        def build():
+            if self.q_len != self.k_len or not torch.equal(self.q_idx, self.k_idx):
+                return False
+            if not bool(((self.q_flags & FLAG_VALID) != 0).all()) or bool(((self.q_flags & (FLAG_BIDIR | FLAG_NOISE)) != 0).any()):
+                return False
+            if not torch.equal(self.q_flags, self.k_flags) or not torch.equal(self.q_doc, self.k_doc):
+                return False
+            ar = torch.arange(self.q_len, device=self.q_idx.device, dtype=self.q_idx.dtype)
+            return bool((self.q_doc == self.q_doc[:, :1]).all()) and bool((self.q_idx == ar).all())
+        return self.cached("plain_causal", build)
+
     def row_is_empty(self) -> torch.Tensor:
         """[B, Nq] True where a query row attends to nothing (its output is 0)."""
         return ~self.dense().any(-1)
