@@ -268,3 +268,24 @@ def test_stack_rejects_mismatched_inputs():
         stack({"act": torch.randn(3, 12)}, layout, start=8)
     with pytest.raises(ValueError, match="num_kv_heads"):
         MoTConfig(1, 4, 3, 8, {"a": ExpertConfig(8, 8)})
+
+
+def test_activation_checkpointing_per_layer_gives_identical_gradients():
+    cfg = three_expert_config()
+    cfg.num_layers = 2
+    stack = MoTStack(cfg)
+    randomize(stack, 7)
+    layout = mixed_layout()
+    g = torch.Generator().manual_seed(3)
+    idx = layout.expert_indices()
+    hidden = {e: torch.randn(i.numel(), cfg.experts[e].hidden_size, generator=g) for e, i in idx.items()}
+    cond = {"act": torch.randn(idx["act"].numel(), 6, generator=g)}
+    grads = []
+    for ckpt in (False, True):
+        stack.cfg.gradient_checkpointing = ckpt
+        stack.zero_grad()
+        out = stack(hidden, layout, cond=cond).hidden
+        sum(v.pow(2).sum() for v in out.values()).backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in stack.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
