@@ -53,6 +53,27 @@ class VLAModel(nn.Module):
     def reset(self):
         self._action_queue.clear()
 
+    # -- weights on disk and on the Hub (vla_blocks.hub) ------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write config.json + safetensors (+ stats, model card) atomically: :func:`vla_blocks.hub.save_pretrained`."""
+        from . import hub
+        return hub.save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, ref, **kwargs) -> "VLAModel":
+        """Load ``hf-hub:org/name[@rev]``, ``local-dir:path`` or a folder: :func:`vla_blocks.hub.load_model`."""
+        from . import hub
+        model = hub.from_pretrained(ref, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if cls is not VLAModel and not isinstance(loaded, cls):
+            raise TypeError(f"{ref} holds a {type(loaded).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Save into a temporary folder and upload it to ``repo_id``: :func:`vla_blocks.hub.push_to_hub`."""
+        from . import hub
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
     # -- introspection --------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
