@@ -2,7 +2,6 @@
 the upload calls intercepted (tier C); strict/non-strict loads, corrupt files, shards, partial loads."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -391,7 +390,8 @@ def test_expert_map_initialises_a_new_expert_from_another(tiny, tmp_path):
     m = VLAModel.from_pretrained(folder, recipe="mot-tiny", overrides={"experts.ear": {"hidden_size": 32,
                                                                                         "ffn_ratio": 0.5}},
                                  expert_map={"ear": "act"})
-    assert torch.equal(m.lm.stack.layers[0].experts.ear.q_proj.weight, tiny.lm.stack.layers[0].experts.act.q_proj.weight)
+    assert torch.equal(m.lm.stack.layers[0].experts.ear.q_proj.weight,
+                       tiny.lm.stack.layers[0].experts.act.q_proj.weight)
 
 
 def test_key_map_and_allow_missing(tiny, tmp_path):

@@ -105,7 +105,7 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
-        parts = [f"{len(self.loaded)} tensors loaded from {self.source}"]
+        parts = [f"{len(self.loaded)} tensors matched in {self.source}"]
         if self.remapped:
             parts.append(f"{len(self.remapped)} remapped")
         if self.skipped:
@@ -135,7 +135,7 @@ _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
 
 
 def parse_ref(ref: str | os.PathLike | ModelRef) -> ModelRef:
-    """A :class:`ModelRef` from ``hf-hub:``/``local-dir:`` strings, folder paths, recipe names/paths, or ``org/name``."""
+    """A :class:`ModelRef` from ``hf-hub:`` / ``local-dir:`` strings, folders, recipe names/paths, ``org/name``."""
     if isinstance(ref, ModelRef):
         return ref
     if isinstance(ref, os.PathLike):
@@ -482,6 +482,19 @@ def _alias_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
+#: Loading a pi0.5 checkpoint into an ACoT recipe as upstream initialises ACoT from pi0.5: the EAR expert and the
+#: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
+#: reasoner modules (new in ACoT) keep their initialisation.
+#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **hub.ACOT_FROM_PI05)``.
+ACOT_FROM_PI05: dict[str, Any] = {
+    "expert_map": {"ear": "act"},
+    "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",
+                "coarse_time_mlp_in": "time_mlp_in", "coarse_time_mlp_out": "time_mlp_out"},
+    "allow_missing": [r"^(explicit_action_reasoner|implicit_action_reasoner|implicit_action_reasoner_interact|"
+                      r"explicit_action_reason_proj|implicit_action_reason_proj|action_reasoning_fusion)\."],
+}
+
+
 # ---------------------------------------------------------------------------------------------- loading weights
 def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None,
@@ -540,6 +553,7 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
     used |= {mapper(t) for t, _, _ in report.mismatched}
     if only is None:
         report.unexpected = [k for k in ckpt.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")]
+    report.loaded = list(plan)
     if strict and not report.ok:
         raise WeightsMismatchError(
             f"weights in {ckpt.folder} do not match {type(model).__name__}:\n{report.summary()}\n"
@@ -547,7 +561,6 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
             f"(only=[prefixes] for a part, key_map/expert_map to rename, allow_missing=[regex] for new modules).",
             report)
     _copy_in(model, target, ckpt, plan, progress)
-    report.loaded = list(plan)
     if not report.ok:
         logger.warning("non-strict load: %s", report.summary())
     return report
@@ -896,5 +909,5 @@ _register_cli()
 __all__ = ["save_pretrained", "from_pretrained", "load_model", "load_config", "load_weights", "push_to_hub",
            "resolve_folder", "check_folder", "parse_ref", "portable_config", "model_card", "Checkpoint",
            "LoadReport", "WeightsMismatchError", "CorruptCheckpointError", "HubAccessError", "expert_key_map",
-           "prefix_key_map", "read_config_data", "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "NORM_NAME",
-           "HUB_PATTERNS"]
+           "prefix_key_map", "read_config_data", "ACOT_FROM_PI05", "CONFIG_NAME", "WEIGHTS_NAME",
+           "WEIGHTS_INDEX_NAME", "NORM_NAME", "HUB_PATTERNS"]

@@ -1,0 +1,485 @@
+"""Converters from upstream checkpoints, offline, on synthetic checkpoints that use the real key names at the
+tiny recipes' shapes. The converted models are compared with modules laid out the upstream way, written here
+from the reference notes (../shared/reference/halo_bagel.md §1, §6; acot_pi0.md §1-3): a BAGEL/HALO Qwen2-MoT
+stack that looks its weights up by their suffixed names and routes tokens with gather/scatter, and an
+openpi/lerobot PaliGemma-with-expert stack (concatenated Q/K/V, prefix-LM mask, Gemma and adaRMS norms)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vla_blocks import hub
+from vla_blocks.cli import main
+from vla_blocks.convert import ConversionError, convert
+from vla_blocks.layout import Layout, Part, Segment
+from vla_blocks.model import VLAModel, create_model
+
+SHA = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return cache
+
+
+def rand(*shape, g, scale=0.2, one=False):
+    t = torch.randn(*shape, generator=g) * scale
+    return (1.0 + t if one else t).to(torch.bfloat16)  # upstream checkpoints are bf16; conversion goes via fp32
+
+
+# ---------------------------------------------------------------------------------------------- HALO / BAGEL
+# halo-tiny: D 64, 4 heads / 2 KV heads of 16, FFN 128, 2 layers; the synthetic checkpoint uses a vocabulary
+# of 333 rows and an act FFN of 96 (HALO's action_expert_mlp_ratio): both must be read off the tensors.
+D, H, HKV, HD, FFN, FFN_ACT, LAYERS, VOCAB = 64, 4, 2, 16, 128, 96, 2, 333
+SUFFIXES = {"": "und", "_moe_gen": "gen", "_moe_act": "act"}
+
+
+def bagel_checkpoint(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """BAGEL/HALO ``ema.safetensors`` names (halo_bagel.md §6.2); non-LM parts at halo-tiny's shapes."""
+    sd = {}
+    for i in range(LAYERS):
+        P = f"language_model.model.layers.{i}"
+        for S in SUFFIXES:
+            f = FFN_ACT if S == "_moe_act" else FFN
+            sd[f"{P}.self_attn.q_proj{S}.weight"] = rand(H * HD, D, g=g)
+            sd[f"{P}.self_attn.q_proj{S}.bias"] = rand(H * HD, g=g)
+            for x in "kv":
+                sd[f"{P}.self_attn.{x}_proj{S}.weight"] = rand(HKV * HD, D, g=g)
+                sd[f"{P}.self_attn.{x}_proj{S}.bias"] = rand(HKV * HD, g=g)
+            sd[f"{P}.self_attn.o_proj{S}.weight"] = rand(D, H * HD, g=g)
+            sd[f"{P}.self_attn.q_norm{S}.weight"] = rand(HD, g=g, one=True)
+            sd[f"{P}.self_attn.k_norm{S}.weight"] = rand(HD, g=g, one=True)
+            sd[f"{P}.input_layernorm{S}.weight"] = rand(D, g=g, one=True)
+            sd[f"{P}.post_attention_layernorm{S}.weight"] = rand(D, g=g, one=True)
+            sd[f"{P}.mlp{S}.gate_proj.weight"] = rand(f, D, g=g)
+            sd[f"{P}.mlp{S}.up_proj.weight"] = rand(f, D, g=g)
+            sd[f"{P}.mlp{S}.down_proj.weight"] = rand(D, f, g=g)
+    for S in SUFFIXES:
+        sd[f"language_model.model.norm{S}.weight"] = rand(D, g=g, one=True)
+    sd["language_model.model.embed_tokens.weight"] = rand(VOCAB, D, g=g)
+    sd["language_model.lm_head.weight"] = rand(VOCAB, D, g=g)
+    # the rest of HALO: SigLIP NaViT under vit_model.vision_model, connector, latent and action heads, and the
+    # fixed sin-cos tables (which the converter regenerates)
+    ref = create_model("halo-tiny").state_dict()
+    for k, v in ref.items():
+        if k.startswith("vit_model.model."):
+            sd["vit_model.vision_model." + k[len("vit_model.model."):]] = rand(*v.shape, g=g)
+        elif k.startswith(("connector.", "time_embedder.", "vae2llm.", "llm2vae.", "input_linear_layer.",
+                           "output_linear_layer.", "action_time_embedder.")):
+            sd[k] = rand(*v.shape, g=g)
+        elif k.endswith("pos_embed.pos_embed"):
+            sd[k] = v.to(torch.bfloat16)
+    return sd
+
+
+def tiny_vae_diffusers(g) -> dict[str, torch.Tensor]:
+    ref = create_model("halo-tiny").state_dict()
+    return {k[len("vae.vae."):]: rand(*v.shape, g=g) for k, v in ref.items() if k.startswith("vae.vae.")}
+
+
+@pytest.fixture(scope="module")
+def halo_src(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    d = tmp_path_factory.mktemp("halo_src")
+    sd = bagel_checkpoint(g)
+    save_file(sd, d / "ema.safetensors")
+    save_file(tiny_vae_diffusers(g), d / "vae.safetensors")
+    return d, sd
+
+
+@pytest.fixture(scope="module")
+def halo_converted(halo_src, tmp_path_factory):
+    d, sd = halo_src
+    out, report = convert("halo", d, tmp_path_factory.mktemp("halo_out") / "halo", recipe="halo-tiny",
+                          vae=str(d / "vae.safetensors"))
+    return out, report, VLAModel.from_pretrained(out)
+
+
+def rms(x, w, eps=1e-6):
+    x = x.float()
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope(x, pos, theta):
+    """Half-split rotary embedding of ``x [N, heads, d]`` at integer positions ``pos [N]``."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = pos.float()[:, None] * inv
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attend(q, k, v, mask, scale):
+    """``q [N, H, d]``, ``k, v [N, Hkv, d]`` (GQA), ``mask [N, N]`` bool → ``[N, H·d]``."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", s, v).reshape(q.shape[0], -1)
+
+
+def bagel_stack(sd, x, groups, pos, mask, theta=1e6):
+    """BAGEL's ``Qwen2MoTDecoderLayer`` × L + final norms on one packed sequence ``x [N, D]``: every sub-op
+    allocates ``new_zeros`` and index-puts each expert's result at its token indexes; weights by suffixed name."""
+    W = {k: v.float() for k, v in sd.items()}
+    N = x.shape[0]
+    for i in range(LAYERS):
+        P = f"language_model.model.layers.{i}"
+        h = x.new_zeros(N, D)
+        q, k, v = x.new_zeros(N, H, HD), x.new_zeros(N, HKV, HD), x.new_zeros(N, HKV, HD)
+        for S, idx in groups.items():
+            h[idx] = rms(x[idx], W[f"{P}.input_layernorm{S}.weight"])
+            q[idx] = F.linear(h[idx], W[f"{P}.self_attn.q_proj{S}.weight"], W[f"{P}.self_attn.q_proj{S}.bias"]
+                              ).view(-1, H, HD)
+            k[idx] = F.linear(h[idx], W[f"{P}.self_attn.k_proj{S}.weight"], W[f"{P}.self_attn.k_proj{S}.bias"]
+                              ).view(-1, HKV, HD)
+            v[idx] = F.linear(h[idx], W[f"{P}.self_attn.v_proj{S}.weight"], W[f"{P}.self_attn.v_proj{S}.bias"]
+                              ).view(-1, HKV, HD)
+        qn, kn = torch.zeros_like(q), torch.zeros_like(k)
+        for S, idx in groups.items():
+            qn[idx] = rms(q[idx], W[f"{P}.self_attn.q_norm{S}.weight"])
+            kn[idx] = rms(k[idx], W[f"{P}.self_attn.k_norm{S}.weight"])
+        a = attend(rope(qn, pos, theta), rope(kn, pos, theta), v, mask, HD ** -0.5)
+        o = x.new_zeros(N, D)
+        for S, idx in groups.items():
+            o[idx] = F.linear(a[idx], W[f"{P}.self_attn.o_proj{S}.weight"])
+        x = x + o
+        m = x.new_zeros(N, D)
+        for S, idx in groups.items():
+            h2 = rms(x[idx], W[f"{P}.post_attention_layernorm{S}.weight"])
+            g_, u = F.linear(h2, W[f"{P}.mlp{S}.gate_proj.weight"]), F.linear(h2, W[f"{P}.mlp{S}.up_proj.weight"])
+            m[idx] = F.linear(F.silu(g_) * u, W[f"{P}.mlp{S}.down_proj.weight"])
+        x = x + m
+    y = x.new_zeros(N, D)
+    for S, idx in groups.items():
+        y[idx] = rms(x[idx], W[f"language_model.model.norm{S}.weight"])
+    return y
+
+
+def test_halo_weights_land_where_bagel_names_say(halo_converted, halo_src):
+    out, report, model = halo_converted
+    _, sd = halo_src
+    own = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in own.values())
+    assert model.lm.embed_tokens.num_embeddings == VOCAB  # vocabulary size from the tensor
+    assert model.config.backbone.config["vocab_size"] == VOCAB
+    assert model.lm.stack.layers[0].experts.act.mlp.gate_proj.out_features == FFN_ACT
+    checks = {
+        "language_model.model.layers.1.self_attn.k_proj_moe_gen.bias": "lm.stack.layers.1.experts.gen.k_proj.bias",
+        "language_model.model.layers.0.mlp_moe_act.down_proj.weight":
+            "lm.stack.layers.0.experts.act.mlp.down_proj.weight",
+        "language_model.model.layers.0.self_attn.q_norm.weight": "lm.stack.layers.0.experts.und.q_norm.weight",
+        "language_model.model.norm_moe_act.weight": "lm.stack.norms.act.weight",
+        "language_model.lm_head.weight": "lm.lm_head.weight",
+        "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight":
+            "vit_model.model.encoder.layers.0.self_attn.q_proj.weight",
+        "connector.fc2.bias": "connector.fc2.bias",
+        "action_time_embedder.mlp.2.weight": "action_time_embedder.mlp.2.weight",
+    }
+    for s, t in checks.items():
+        assert report.mapped[s] == t
+        assert torch.equal(own[t], sd[s].float()), s
+    for s, t in report.mapped.items():
+        if ":" not in s:
+            assert torch.equal(own[t], sd[s].float()), s
+    # every source key is mapped or dropped with a reason; the sin-cos tables are regenerated
+    assert not report.unmapped and set(report.mapped) | set(report.dropped) >= set(sd)
+    assert set(report.dropped) == {"latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"}
+    fresh = create_model("halo-tiny")
+    assert torch.equal(own["latent_pos_embed.pos_embed"], fresh.latent_pos_embed.pos_embed)
+    assert not any("differs" in n for n in report.notes)
+    assert not model.latent_pos_embed.pos_embed.requires_grad
+    # the VAE from its own file
+    from safetensors.torch import load_file
+    vae = load_file(halo_src[0] / "vae.safetensors")
+    assert all(torch.equal(own["vae.vae." + k], v.float()) for k, v in vae.items())
+    card = (out / "README.md").read_text()
+    assert "vla-blocks convert halo" in card and "- converted" in card
+
+
+def test_halo_mot_stack_matches_bagel_layer(halo_converted, halo_src):
+    """The converted MoT stack (3 experts, 2 layers, final norms) equals BAGEL's gather/scatter layer."""
+    _, _, model = halo_converted
+    _, sd = halo_src
+    sample = [Segment.of("causal", "und", 5, "text"),
+              Segment("full", [Part("und", 1, "vision_start"), Part("gen", 4, "latent"), Part("und", 1, "vision_end")],
+                      rope="block"),
+              Segment.of("noise", "act", 3, "action", rope="block_hold")]
+    layout = Layout.from_samples([sample], ["und", "gen", "act"])
+    N = layout.seq_len
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D, generator=g)
+    idx = layout.expert_indices()
+    hidden = {e: x[i] for e, i in idx.items()}
+    with torch.no_grad():
+        ours = model.lm.stack(hidden, layout).hidden
+    groups = {S: idx[e] for S, e in SUFFIXES.items()}
+    ref = bagel_stack(sd, x, groups, layout.position_ids[0], layout.dense_mask()[0])
+    for e, i in idx.items():
+        torch.testing.assert_close(ours[e], ref[i], rtol=1e-5, atol=1e-5)
+
+
+def test_halo_unmapped_and_missing_are_reported(halo_src, tmp_path):
+    d, sd = halo_src
+    src = tmp_path / "src"
+    src.mkdir()
+    extra = dict(sd)
+    extra["language_model.model.layers.0.self_attn.q_proj_moe_und2.weight"] = torch.zeros(2)
+    extra["mystery.weight"] = torch.zeros(3)
+    save_file(extra, src / "ema.safetensors")
+    with pytest.raises(ConversionError) as e:
+        convert("halo", src, tmp_path / "out", recipe="halo-tiny", vae=str(d / "vae.safetensors"))
+    msg = str(e.value)
+    assert "mystery.weight" in msg and "q_proj_moe_und2.weight" in msg and "--allow-unmapped" in msg
+    assert not (tmp_path / "out").exists()
+    out, report = convert("halo", src, tmp_path / "out", recipe="halo-tiny", vae=str(d / "vae.safetensors"),
+                          allow_unmapped=True)
+    assert set(report.unmapped) == {"mystery.weight", "language_model.model.layers.0.self_attn.q_proj_moe_und2.weight"}
+    # without the VAE file the VAE tensors have no source
+    with pytest.raises(ConversionError, match="--vae") as e:
+        convert("halo", d, tmp_path / "out2", recipe="halo-tiny")
+    assert "vae.vae.encoder.conv_in.weight" in str(e.value)
+    _, report = convert("halo", d, tmp_path / "out2", recipe="halo-tiny", allow_missing=["vae"])
+    assert not report.missing
+
+
+def test_halo_overlay_replaces_tensors(halo_src, tmp_path):
+    d, sd = halo_src
+    ft = {"output_linear_layer.weight": torch.ones_like(sd["output_linear_layer.weight"])}
+    save_file(ft, tmp_path / "ft.safetensors")
+    out, _ = convert("halo", d, tmp_path / "out", recipe="halo-tiny", vae=str(d / "vae.safetensors"),
+                     overlays=[str(tmp_path / "ft.safetensors")])
+    m = VLAModel.from_pretrained(out)
+    assert torch.equal(m.output_linear_layer.weight, torch.ones(14, D))
+    assert torch.equal(m.input_linear_layer.weight, sd["input_linear_layer.weight"].float())
+
+
+# ---------------------------------------------------------------------------------------------- lerobot pi0 / pi0.5
+# pi0-tiny / pi05-tiny: Gemma vlm D 32 (FFN 64, vocab 128), act expert W 16 (FFN 32), 2 heads / 1 KV head of 16,
+# 2 layers; SigLIP 16 wide, 1 layer, 28 px / patch 14; action_dim 8.
+PD, PW, PH, PHKV, PHD, PFFN, PFFN_A, PL, PV, PA = 32, 16, 2, 1, 16, 64, 32, 2, 128, 8
+PALI = "model.paligemma_with_expert.paligemma.model."
+EXP = "model.paligemma_with_expert.gemma_expert."
+
+
+def lerobot_checkpoint(pi05: bool, g) -> dict[str, torch.Tensor]:
+    """lerobot's ``model.safetensors`` names for pi0 / pi0.5 (acot_pi0.md §2.4 target names + ``model.``)."""
+    sd = {}
+    for i in range(PL):
+        for prefix, w, f, ada in ((f"{PALI}language_model.layers.{i}.", PD, PFFN, False),
+                                  (f"{EXP}model.layers.{i}.", PW, PFFN_A, pi05)):
+            sd[prefix + "self_attn.q_proj.weight"] = rand(PH * PHD, w, g=g)
+            sd[prefix + "self_attn.k_proj.weight"] = rand(PHKV * PHD, w, g=g)
+            sd[prefix + "self_attn.v_proj.weight"] = rand(PHKV * PHD, w, g=g)
+            sd[prefix + "self_attn.o_proj.weight"] = rand(w, PH * PHD, g=g)
+            sd[prefix + "mlp.gate_proj.weight"] = rand(f, w, g=g)
+            sd[prefix + "mlp.up_proj.weight"] = rand(f, w, g=g)
+            sd[prefix + "mlp.down_proj.weight"] = rand(w, f, g=g)
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                if ada:
+                    sd[prefix + n + ".dense.weight"] = rand(3 * w, w, g=g)
+                    sd[prefix + n + ".dense.bias"] = rand(3 * w, g=g)
+                else:
+                    sd[prefix + n + ".weight"] = rand(w, g=g)
+    sd[PALI + "language_model.norm.weight"] = rand(PD, g=g)
+    if pi05:
+        sd[EXP + "model.norm.dense.weight"] = rand(3 * PW, PW, g=g)
+        sd[EXP + "model.norm.dense.bias"] = rand(3 * PW, g=g)
+    else:
+        sd[EXP + "model.norm.weight"] = rand(PW, g=g)
+    sd[PALI + "language_model.embed_tokens.weight"] = rand(PV, PD, g=g)
+    sd["model.paligemma_with_expert.paligemma.lm_head.weight"] = sd[PALI + "language_model.embed_tokens.weight"]
+    sd[EXP + "lm_head.weight"] = rand(PV, PW, g=g)
+    sd[PALI + "multi_modal_projector.linear.weight"] = rand(PD, 16, g=g)
+    sd[PALI + "multi_modal_projector.linear.bias"] = rand(PD, g=g)
+    ref = create_model("pi0-tiny").state_dict()
+    for k, v in ref.items():
+        if k.startswith("vision_tower.model."):
+            sd[PALI + "vision_tower.vision_model." + k[len("vision_tower.model."):]] = rand(*v.shape, g=g)
+    sd["model.action_in_proj.weight"], sd["model.action_in_proj.bias"] = rand(PW, PA, g=g), rand(PW, g=g)
+    sd["model.action_out_proj.weight"], sd["model.action_out_proj.bias"] = rand(PA, PW, g=g), rand(PA, g=g)
+    if pi05:
+        for n in ("time_mlp_in", "time_mlp_out"):
+            sd[f"model.{n}.weight"], sd[f"model.{n}.bias"] = rand(PW, PW, g=g), rand(PW, g=g)
+    else:
+        sd["model.state_proj.weight"], sd["model.state_proj.bias"] = rand(PW, PA, g=g), rand(PW, g=g)
+        sd["model.action_time_mlp_in.weight"] = rand(PW, 2 * PW, g=g)
+        sd["model.action_time_mlp_in.bias"] = rand(PW, g=g)
+        sd["model.action_time_mlp_out.weight"], sd["model.action_time_mlp_out.bias"] = rand(PW, PW, g=g), rand(PW, g=g)
+    return sd
+
+
+def write_lerobot(folder: Path, pi05: bool, seed=0) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = lerobot_checkpoint(pi05, torch.Generator().manual_seed(seed))
+    save_file({k: v.clone() for k, v in sd.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"type": "pi05" if pi05 else "pi0"}))
+    stats = {"action.q01": -torch.ones(7), "action.q99": torch.ones(7) * 2, "action.mean": torch.zeros(7),
+             "action.std": torch.ones(7), "observation.state.q01": -torch.ones(8),
+             "observation.state.q99": torch.ones(8),
+             "observation.state.mean": torch.zeros(8), "observation.state.std": torch.ones(8) * 3}
+    save_file(stats, folder / "policy_preprocessor_step_3_normalizer_processor.safetensors")
+    return sd
+
+
+def gemma_rms(x, w, eps=1e-6):
+    x = x.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * (1.0 + w)
+
+
+def ada_rms(x, dense_w, dense_b, cond, eps=1e-6):
+    x = x.float()
+    scale, shift, gate = F.linear(cond, dense_w, dense_b).chunk(3, -1)
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * (1 + scale) + shift, gate
+
+
+def openpi_stack(sd, prefix, suffix, cond, pi05):
+    """openpi / lerobot ``PaliGemmaWithExpertModel`` joint pass for one sample: per layer each expert norms and
+    projects its own tokens, Q/K/V are concatenated along the sequence, RoPE (θ 1e4) at positions
+    cumsum(valid) − 1, eager attention under ``make_attn_mask`` with ar_mask [0]·P + [1] + [0]·(S−1), split back,
+    o_proj + (gated) residual, norm, GeGLU (gelu-tanh), (gated) residual; final norms."""
+    W = {k: v.float() for k, v in sd.items()}
+    P, S = prefix.shape[0], suffix.shape[0]
+    ar = torch.tensor([0] * P + [1] + [0] * (S - 1))
+    cum = ar.cumsum(0)
+    mask = cum[None, :] <= cum[:, None]
+    pos = torch.arange(P + S)
+    names = [f"{PALI}language_model.layers.{{i}}.", f"{EXP}model.layers.{{i}}."]
+    xs = [prefix.float(), suffix.float()]
+
+    def norm(e, x, name):
+        if e == 1 and pi05:
+            return ada_rms(x, W[name + ".dense.weight"], W[name + ".dense.bias"], cond)
+        return gemma_rms(x, W[name + ".weight"]), None
+
+    for i in range(PL):
+        pre = [n.format(i=i) for n in names]
+        hs, gates, qs, ks, vs = [], [], [], [], []
+        for e in range(2):
+            h, gate = norm(e, xs[e], pre[e] + "input_layernorm")
+            gates.append(gate)
+            qs.append(F.linear(h, W[pre[e] + "self_attn.q_proj.weight"]).view(-1, PH, PHD))
+            ks.append(F.linear(h, W[pre[e] + "self_attn.k_proj.weight"]).view(-1, PHKV, PHD))
+            vs.append(F.linear(h, W[pre[e] + "self_attn.v_proj.weight"]).view(-1, PHKV, PHD))
+        q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+        a = attend(rope(q, pos, 1e4), rope(k, pos, 1e4), v, mask, PHD ** -0.5)
+        parts = [a[:P], a[P:]]
+        for e in range(2):
+            o = F.linear(parts[e], W[pre[e] + "self_attn.o_proj.weight"])
+            x = xs[e] + (o if gates[e] is None else o * gates[e])
+            h, gate = norm(e, x, pre[e] + "post_attention_layernorm")
+            f = F.linear(F.gelu(F.linear(h, W[pre[e] + "mlp.gate_proj.weight"]), approximate="tanh")
+                         * F.linear(h, W[pre[e] + "mlp.up_proj.weight"]), W[pre[e] + "mlp.down_proj.weight"])
+            xs[e] = x + (f if gate is None else f * gate)
+    out0 = gemma_rms(xs[0], W[PALI + "language_model.norm.weight"])
+    out1 = norm(1, xs[1], EXP + "model.norm")[0]
+    return out0, out1
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_lerobot_pi_conversion_matches_openpi_layers(kind, tmp_path):
+    pi05 = kind == "pi05"
+    sd = write_lerobot(tmp_path / "src", pi05)
+    out, report = convert(kind, tmp_path / "src", tmp_path / "out", recipe=f"{kind}-tiny")
+    model = VLAModel.from_pretrained(out)
+    own = model.state_dict()
+    assert not report.unmapped and not report.missing
+    assert {k for k, r in report.dropped.items()} == {"model.paligemma_with_expert.paligemma.lm_head.weight",
+                                                      EXP + "lm_head.weight"}
+    for s, t in report.mapped.items():
+        assert torch.equal(own[t], sd[s].float()), s
+    assert report.mapped[PALI + "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"] == \
+        "vision_tower.model.encoder.layers.0.mlp.fc1.weight"
+    assert report.mapped[EXP + "model.layers.1.self_attn.o_proj.weight"] == \
+        "language_model.stack.layers.1.experts.act.o_proj.weight"
+    if pi05:  # adaRMS norms have only the Dense upstream; our fallback scale is filled with zeros
+        assert len(report.filled) == 2 * PL + 1
+        assert torch.equal(own["language_model.stack.norms.act.weight"], torch.zeros(PW))
+    # normalisation statistics carried over from lerobot's processor file
+    st = model.normalizer.stats("actions")
+    key = ("q01", "q99") if pi05 else ("mean", "std")
+    assert torch.equal(st[key[1]], torch.tensor([2.0] * 7) if pi05 else torch.ones(7))
+    assert json.loads((out / "normalization.json").read_text())["normalizers"]["normalizer"]["stats"]["state"]
+
+    # the converted MoT stack equals openpi's joint layer
+    P, S = 6, 3
+    g = torch.Generator().manual_seed(2)
+    prefix, suffix = torch.randn(P, PD, generator=g), torch.randn(S, PW, generator=g)
+    cond = torch.randn(1, PW, generator=g)
+    layout = Layout.from_samples([[Segment.of("full", "vlm", P, "prefix"), Segment.of("noise", "act", S, "actions")]],
+                                 ["vlm", "act"])
+    with torch.no_grad():
+        ours = model.language_model.stack({"vlm": prefix, "act": suffix}, layout,
+                                          cond={"act": cond.expand(S, -1)} if pi05 else None).hidden
+    ref0, ref1 = openpi_stack(sd, prefix, suffix, cond, pi05)
+    torch.testing.assert_close(ours["vlm"], ref0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["act"], ref1, rtol=1e-5, atol=1e-5)
+    # and the converted policy runs
+    batch = model.demo_batch(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        chunk = model.predict_action_chunk(batch)
+    assert torch.isfinite(chunk).all()
+
+
+def test_pi05_from_fake_hub_cache_and_cli(tmp_path, offline_hub, capsys):
+    """`vla-blocks convert pi05 hf-hub:lerobot/pi05_base OUT` with the repo in the (offline) Hub cache."""
+    src = tmp_path / "src"
+    write_lerobot(src, pi05=True)
+    repo = offline_hub / "models--lerobot--pi05_base"
+    snap = repo / "snapshots" / SHA
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)
+    out = tmp_path / "pi05"
+    assert main(["convert", "pi05", "hf-hub:lerobot/pi05_base", str(out), "--recipe", "pi05-tiny"]) == 0
+    stdout = capsys.readouterr().out
+    assert "tensors mapped" in stdout and "local-dir:" in stdout
+    card = (out / "README.md").read_text()
+    assert "base_model: lerobot/pi05_base" in card
+    m = create_model(f"local-dir:{out}")
+    assert type(m).__name__ == "Pi0Model" and m.config.pi05
+    # a pi0 checkpoint given as pi05: the error says which converter to use
+    write_lerobot(tmp_path / "pi0src", pi05=False)
+    assert main(["convert", "pi05", str(tmp_path / "pi0src"), str(tmp_path / "x"), "--recipe", "pi05-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "state_proj" in err and "convert pi0" in err
+    # not cached and offline
+    assert main(["convert", "pi0", "hf-hub:lerobot/pi0_base", str(tmp_path / "y")]) == 2
+    assert "HF_HUB_OFFLINE=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--help"])
+    assert e.value.code == 0
+
+
+def test_acot_from_pi05_initialises_new_experts_from_the_action_expert(tmp_path):
+    """pi0.5 weights into the ACoT recipe: EAR and final expert both copy pi0.5's action expert, the coarse
+    heads copy the action heads (acot_pi0.md §2.3, §2.4)."""
+    write_lerobot(tmp_path / "src", pi05=True)
+    out, _ = convert("pi05", tmp_path / "src", tmp_path / "pi05", recipe="pi05-tiny")
+    pi05 = VLAModel.from_pretrained(out)
+    acot, report = VLAModel.from_pretrained(out, recipe="acot-tiny",
+                                            overrides={"backbone.config.num_hidden_layers": PL},
+                                            output_loading_info=True, **hub.ACOT_FROM_PI05)
+    assert type(acot).__name__ != type(pi05).__name__
+    assert report.ok and report.allowed_missing
+    a, p = acot.state_dict(), pi05.state_dict()
+    for k, v in p.items():
+        if ".experts.act." in k or ".norms.act." in k:
+            assert torch.equal(a[k], v) and torch.equal(a[k.replace(".act.", ".ear.")], v), k
+    for c, s in (("coarse_action_in_proj", "action_in_proj"), ("coarse_time_mlp_out", "time_mlp_out")):
+        assert torch.equal(a[f"{c}.weight"], p[f"{s}.weight"]) and torch.equal(a[f"{c}.bias"], p[f"{s}.bias"])
+    assert torch.equal(a["language_model.embed_tokens.weight"], p["language_model.embed_tokens.weight"])
+    assert all(k.startswith(("explicit_", "implicit_", "action_reasoning")) for k in report.allowed_missing)
