@@ -1,8 +1,9 @@
 """Triton kernels of masked attention over the Layout mask (forward, Delta preprocess, dK/dV, dQ).
 
 Imported lazily by :mod:`vla_blocks.kernels.mask_attention` (importing vla_blocks never imports
-triton). ``TRITON_INTERPRET`` is read when this module is imported: the ``@triton.jit`` decorators
-then build either compiled or interpreted kernels.
+triton). ``@triton.jit`` reads ``TRITON_INTERPRET`` at decoration time, and triton's own library
+functions are decorated when triton is imported, so the wrapper imports this module in the mode
+triton was imported in (compiled for CUDA, or interpreted on the CPU for tests).
 
 Mask evaluation. Each program loads the per-token metadata of its tile once, as [BM] / [BN] vector
 loads (``idx``, ``doc`` with validity folded in by the wrapper, ``seg``, ``flags``), and evaluates::
@@ -27,9 +28,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -171,7 +169,7 @@ def _fwd_kernel(Q, K_s, V_s, K_p, V_p, O, LSE,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln 2: log2 → ln
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + (b * H + h) * NQ + offs_m, lse, mask=row_ok)
@@ -246,12 +244,16 @@ def _bwd_dkdv_kernel(Q, K_s, V_s, K_p, V_p, DO, LSE2, DELTA,
                      s_kpb, s_kph, s_kpn, s_vpb, s_vph, s_vpn, s_dob, s_doh, s_don,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                      s_dkpb, s_dkph, s_dkpn, s_dvpb, s_dvph, s_dvpn,
-                     H, HKV, G, NQ, NK, NP, NP_PAD, NKT, MQ, MK,
+                     H, HKV, G, NQ, NK, NP, NP_PAD, NKT, MQ, MK, TILE0,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One program per (kv tile, batch, kv head): loops over the q heads of the group and their q tiles."""
+    """One program per (kv tile, batch, kv head): loops over the q heads of the group and their q tiles.
+
+    Programs cover kv tiles ``TILE0 + program_id(0)``: the launcher skips the prefix tiles when the
+    prefix needs no gradient (a detached KV cache), or the suffix tiles when only the prefix does.
+    """
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) + TILE0
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)

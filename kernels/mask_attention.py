@@ -245,17 +245,31 @@ def _forward(q, k, v, kp, vp, km: KernelMeta, scale: float, cfg: KernelConfig):
     return out, lse
 
 
-def _backward(q, k, v, kp, vp, out, lse, dout, dlse, km: KernelMeta, scale: float, cfg: KernelConfig):
+def _backward(q, k, v, kp, vp, out, lse, dout, dlse, km: KernelMeta, scale: float, cfg: KernelConfig,
+              needs=(True, True, True, True, True)):
+    """Gradients for the inputs flagged in ``needs`` (q, k, v, k_prefix, v_prefix); None for the others."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prefix = kp is not None
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    dkp = torch.zeros_like(kp, memory_format=torch.contiguous_format) if has_prefix else None
-    dvp = torch.zeros_like(vp, memory_format=torch.contiguous_format) if has_prefix else None
-    if B * H * Nq == 0 or km.logical.k_len == 0 or (dout is None and dlse is None):
-        return dq, dk, dv, dkp, dvp
+    need_q = needs[0]
+    need_s = needs[1] or needs[2]
+    need_p = has_prefix and (needs[3] or needs[4])
+    zeros = lambda t, need: torch.zeros_like(t, memory_format=torch.contiguous_format) if need else None  # noqa: E731
+    dq = zeros(q, need_q)
+    dk, dv = zeros(k, need_s), zeros(v, need_s)
+    dkp, dvp = (zeros(kp, need_p), zeros(vp, need_p)) if has_prefix else (None, None)
+    trivial = B * H * Nq == 0 or km.logical.k_len == 0 or (dout is None and dlse is None)
+    if not trivial:
+        _launch_backward(q, k, v, kp, vp, out, lse, dout, dlse, km, scale, cfg, dq, dk, dv, dkp, dvp)
+    pick = lambda g, need: g if need else None  # noqa: E731
+    return (pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]),
+            pick(dkp, has_prefix and needs[3]), pick(dvp, has_prefix and needs[4]))
+
+
+def _launch_backward(q, k, v, kp, vp, out, lse, dout, dlse, km, scale, cfg, dq, dk, dv, dkp, dvp):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    has_prefix = kp is not None
     impl = _impl()
     if dout is None:
         dout = torch.zeros_like(out)
@@ -263,7 +277,6 @@ def _backward(q, k, v, kp, vp, out, lse, dout, dlse, km: KernelMeta, scale: floa
     d_pad = _d_pad(D)
     prec = _dot_precision(q.dtype)
     kp_, vp_ = (kp, vp) if has_prefix else (k, v)
-    dkp_, dvp_ = (dkp, dvp) if has_prefix else (dk, dv)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     with _device_ctx(q):
         bmd = cfg.block_m2
@@ -274,28 +287,36 @@ def _backward(q, k, v, kp, vp, out, lse, dout, dlse, km: KernelMeta, scale: floa
             delta = delta - dlse.to(torch.float32)
         # log2 units; rows that attend nothing get +inf so exp2(s − lse) is exactly 0
         lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).contiguous()
-        bm1, bn1 = cfg.block_m1, cfg.block_n1
-        pc, pi, fc, fi = km.lists("q", bm1, bn1)
-        MK1, MQ1 = pi.shape[1], pi.shape[2]
-        impl._bwd_dkdv_kernel[(MK1, B * Hkv)](
-            q, k, v, kp_, vp_, dout, lse2, delta, dk, dv, dkp_, dvp_,
-            *km.q_vecs, *km.k_vecs, pc, pi, fc, fi, scale, scale * LOG2E,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(kp_), *_s3(vp_), *_s3(dout),
-            *_s3(dk), *_s3(dv), *_s3(dkp_), *_s3(dvp_),
-            H, Hkv, H // Hkv, Nq, Nk, km.n_prefix, km.n_prefix_pad, km.n_keys_pad, MQ1, MK1,
-            HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm1, BLOCK_N=bn1, HAS_PREFIX=has_prefix, DOT_PREC=prec,
-            num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
-        bm2, bn2 = cfg.block_m2, cfg.block_n2
-        pc, pi, fc, fi = km.lists("kv", bm2, bn2)
-        MQ2, MK2 = pi.shape[1], pi.shape[2]
-        impl._bwd_dq_kernel[(MQ2, B * H)](
-            q, k, v, kp_, vp_, dout, lse2, delta, dq,
-            *km.q_vecs, *km.k_vecs, pc, pi, fc, fi, scale, scale * LOG2E,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(kp_), *_s3(vp_), *_s3(dout), *_s3(dq),
-            H, H // Hkv, Nq, Nk, km.n_prefix, km.n_prefix_pad, km.n_keys_pad, MQ2, MK2,
-            HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm2, BLOCK_N=bn2, HAS_PREFIX=has_prefix, DOT_PREC=prec,
-            num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
-    return dq, dk, dv, dkp, dvp
+
+        if dk is not None or dkp is not None:
+            bm1, bn1 = cfg.block_m1, cfg.block_n1
+            pc, pi, fc, fi = km.lists("q", bm1, bn1)
+            MK1, MQ1 = pi.shape[1], pi.shape[2]
+            split = km.n_prefix_pad // bn1  # kv tiles [0, split) are prefix tiles
+            first = 0 if dkp is not None else split
+            last = MK1 if dk is not None else split
+            dk_, dv_ = (dk, dv) if dk is not None else (dkp, dvp)  # unused pointers still need a tensor
+            dkp_, dvp_ = (dkp, dvp) if dkp is not None else (dk_, dv_)
+            if last > first:
+                impl._bwd_dkdv_kernel[(last - first, B * Hkv)](
+                    q, k, v, kp_, vp_, dout, lse2, delta, dk_, dv_, dkp_, dvp_,
+                    *km.q_vecs, *km.k_vecs, pc, pi, fc, fi, scale, scale * LOG2E,
+                    *_s3(q), *_s3(k), *_s3(v), *_s3(kp_), *_s3(vp_), *_s3(dout),
+                    *_s3(dk_), *_s3(dv_), *_s3(dkp_), *_s3(dvp_),
+                    H, Hkv, H // Hkv, Nq, Nk, km.n_prefix, km.n_prefix_pad, km.n_keys_pad, MQ1, MK1, first,
+                    HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm1, BLOCK_N=bn1, HAS_PREFIX=has_prefix, DOT_PREC=prec,
+                    num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+        if dq is not None:
+            bm2, bn2 = cfg.block_m2, cfg.block_n2
+            pc, pi, fc, fi = km.lists("kv", bm2, bn2)
+            MQ2, MK2 = pi.shape[1], pi.shape[2]
+            impl._bwd_dq_kernel[(MQ2, B * H)](
+                q, k, v, kp_, vp_, dout, lse2, delta, dq,
+                *km.q_vecs, *km.k_vecs, pc, pi, fc, fi, scale, scale * LOG2E,
+                *_s3(q), *_s3(k), *_s3(v), *_s3(kp_), *_s3(vp_), *_s3(dout), *_s3(dq),
+                H, H // Hkv, Nq, Nk, km.n_prefix, km.n_prefix_pad, km.n_keys_pad, MQ2, MK2,
+                HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm2, BLOCK_N=bn2, HAS_PREFIX=has_prefix, DOT_PREC=prec,
+                num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -316,7 +337,8 @@ class MaskAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, kp, vp, out, lse = ctx.saved_tensors
-        dq, dk, dv, dkp, dvp = _backward(q, k, v, kp, vp, out, lse, dout, dlse, ctx.km, ctx.scale, ctx.cfg)
+        dq, dk, dv, dkp, dvp = _backward(q, k, v, kp, vp, out, lse, dout, dlse, ctx.km, ctx.scale, ctx.cfg,
+                                         needs=tuple(ctx.needs_input_grad[:5]))
         return dq, dk, dv, dkp, dvp, None, None, None
 
 

@@ -208,6 +208,8 @@ def _build_varlen_plan(meta: MaskMeta) -> VarlenPlan | list[str]:
 def _cuda_reasons(inp: AttentionInputs, lib: str) -> list[str]:
     if inp.q.device.type != "cuda":
         return [f"{lib} needs CUDA tensors (got {inp.q.device.type})"]
+    if inp.meta.device != inp.q.device:
+        return [f"mask metadata is on {inp.meta.device} but q is on {inp.q.device} (use meta.to(device))"]
     return []
 
 
