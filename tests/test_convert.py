@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from vla_blocks import hub
 from vla_blocks.cli import main
-from vla_blocks.convert import ConversionError, convert
+from vla_blocks.convert import ConversionError, check_mapping, convert
 from vla_blocks.layout import Layout, Part, Segment
 from vla_blocks.model import VLAModel, create_model
 
@@ -44,41 +44,79 @@ D, H, HKV, HD, FFN, FFN_ACT, LAYERS, VOCAB = 64, 4, 2, 16, 128, 96, 2, 333
 SUFFIXES = {"": "und", "_moe_gen": "gen", "_moe_act": "act"}
 
 
-def bagel_checkpoint(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """BAGEL/HALO ``ema.safetensors`` names (halo_bagel.md §6.2); non-LM parts at halo-tiny's shapes."""
-    sd = {}
-    for i in range(LAYERS):
+def siglip_shapes(prefix: str, layers: int, width: int, mlp: int, patch: tuple, positions: int):
+    """SigLIP vision tower names (shared by SigLIP, BAGEL's NaViT SigLIP and SigLIP2)."""
+    shapes = {f"{prefix}embeddings.patch_embedding.weight": (width, *patch),
+              f"{prefix}embeddings.patch_embedding.bias": (width,),
+              f"{prefix}embeddings.position_embedding.weight": (positions, width),
+              f"{prefix}post_layernorm.weight": (width,), f"{prefix}post_layernorm.bias": (width,)}
+    for j in range(layers):
+        L = f"{prefix}encoder.layers.{j}."
+        for n in ("layer_norm1", "layer_norm2"):
+            shapes[L + n + ".weight"] = shapes[L + n + ".bias"] = (width,)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[L + f"self_attn.{n}.weight"], shapes[L + f"self_attn.{n}.bias"] = (width, width), (width,)
+        shapes[L + "mlp.fc1.weight"], shapes[L + "mlp.fc1.bias"] = (mlp, width), (mlp,)
+        shapes[L + "mlp.fc2.weight"], shapes[L + "mlp.fc2.bias"] = (width, mlp), (width,)
+    return shapes
+
+
+def linear(shapes: dict, name: str, out_f: int, in_f: int, bias: bool = True):
+    shapes[name + ".weight"] = (out_f, in_f)
+    if bias:
+        shapes[name + ".bias"] = (out_f,)
+
+
+def bagel_shapes(L, D, H, HKV, HD, FFN, FFN_ACT, V, vit: dict, vit_side: int, latent_side: int, action_dim: int,
+                 latent_ch: int = 16, patch: int = 2) -> dict[str, tuple]:
+    """BAGEL/HALO ``ema.safetensors`` names and shapes (halo_bagel.md §1.1, §1.5, §6.2)."""
+    sh: dict[str, tuple] = {}
+    for i in range(L):
         P = f"language_model.model.layers.{i}"
         for S in SUFFIXES:
             f = FFN_ACT if S == "_moe_act" else FFN
-            sd[f"{P}.self_attn.q_proj{S}.weight"] = rand(H * HD, D, g=g)
-            sd[f"{P}.self_attn.q_proj{S}.bias"] = rand(H * HD, g=g)
-            for x in "kv":
-                sd[f"{P}.self_attn.{x}_proj{S}.weight"] = rand(HKV * HD, D, g=g)
-                sd[f"{P}.self_attn.{x}_proj{S}.bias"] = rand(HKV * HD, g=g)
-            sd[f"{P}.self_attn.o_proj{S}.weight"] = rand(D, H * HD, g=g)
-            sd[f"{P}.self_attn.q_norm{S}.weight"] = rand(HD, g=g, one=True)
-            sd[f"{P}.self_attn.k_norm{S}.weight"] = rand(HD, g=g, one=True)
-            sd[f"{P}.input_layernorm{S}.weight"] = rand(D, g=g, one=True)
-            sd[f"{P}.post_attention_layernorm{S}.weight"] = rand(D, g=g, one=True)
-            sd[f"{P}.mlp{S}.gate_proj.weight"] = rand(f, D, g=g)
-            sd[f"{P}.mlp{S}.up_proj.weight"] = rand(f, D, g=g)
-            sd[f"{P}.mlp{S}.down_proj.weight"] = rand(D, f, g=g)
+            linear(sh, f"{P}.self_attn.q_proj{S}", H * HD, D)
+            linear(sh, f"{P}.self_attn.k_proj{S}", HKV * HD, D)
+            linear(sh, f"{P}.self_attn.v_proj{S}", HKV * HD, D)
+            linear(sh, f"{P}.self_attn.o_proj{S}", D, H * HD, bias=False)
+            sh[f"{P}.self_attn.q_norm{S}.weight"] = sh[f"{P}.self_attn.k_norm{S}.weight"] = (HD,)
+            sh[f"{P}.input_layernorm{S}.weight"] = sh[f"{P}.post_attention_layernorm{S}.weight"] = (D,)
+            linear(sh, f"{P}.mlp{S}.gate_proj", f, D, bias=False)
+            linear(sh, f"{P}.mlp{S}.up_proj", f, D, bias=False)
+            linear(sh, f"{P}.mlp{S}.down_proj", D, f, bias=False)
     for S in SUFFIXES:
-        sd[f"language_model.model.norm{S}.weight"] = rand(D, g=g, one=True)
-    sd["language_model.model.embed_tokens.weight"] = rand(VOCAB, D, g=g)
-    sd["language_model.lm_head.weight"] = rand(VOCAB, D, g=g)
-    # the rest of HALO: SigLIP NaViT under vit_model.vision_model, connector, latent and action heads, and the
-    # fixed sin-cos tables (which the converter regenerates)
-    ref = create_model("halo-tiny").state_dict()
-    for k, v in ref.items():
-        if k.startswith("vit_model.model."):
-            sd["vit_model.vision_model." + k[len("vit_model.model."):]] = rand(*v.shape, g=g)
-        elif k.startswith(("connector.", "time_embedder.", "vae2llm.", "llm2vae.", "input_linear_layer.",
-                           "output_linear_layer.", "action_time_embedder.")):
-            sd[k] = rand(*v.shape, g=g)
-        elif k.endswith("pos_embed.pos_embed"):
-            sd[k] = v.to(torch.bfloat16)
+        sh[f"language_model.model.norm{S}.weight"] = (D,)
+    sh["language_model.model.embed_tokens.weight"] = sh["language_model.lm_head.weight"] = (V, D)
+    sh.update(siglip_shapes("vit_model.vision_model.", **vit))
+    C = vit["width"]
+    linear(sh, "connector.fc1", D, C)
+    linear(sh, "connector.fc2", D, D)
+    sh["vit_pos_embed.pos_embed"] = (vit_side ** 2, D)
+    sh["latent_pos_embed.pos_embed"] = (latent_side ** 2, D)
+    for te in ("time_embedder", "action_time_embedder"):
+        linear(sh, f"{te}.mlp.0", D, 256)
+        linear(sh, f"{te}.mlp.2", D, D)
+    linear(sh, "vae2llm", D, latent_ch * patch * patch)
+    linear(sh, "llm2vae", latent_ch * patch * patch, D)
+    linear(sh, "input_linear_layer", D, action_dim)
+    linear(sh, "output_linear_layer", action_dim, D)
+    return sh
+
+
+TINY_VIT = dict(layers=2, width=32, mlp=64, patch=(3 * 8 * 8,), positions=16)
+
+
+def bagel_checkpoint(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A synthetic HALO checkpoint at halo-tiny's shapes (the sin-cos tables hold the real tables)."""
+    shapes = bagel_shapes(LAYERS, D, H, HKV, HD, FFN, FFN_ACT, VOCAB, TINY_VIT, vit_side=16, latent_side=8,
+                          action_dim=14)
+    fresh = create_model("halo-tiny")
+    sd = {}
+    for k, shape in shapes.items():
+        if k.endswith("pos_embed.pos_embed"):
+            sd[k] = fresh.state_dict()[k].to(torch.bfloat16)
+        else:
+            sd[k] = rand(*shape, g=g, one="norm" in k and k.endswith(".weight"))
     return sd
 
 
@@ -273,50 +311,53 @@ PALI = "model.paligemma_with_expert.paligemma.model."
 EXP = "model.paligemma_with_expert.gemma_expert."
 
 
-def lerobot_checkpoint(pi05: bool, g) -> dict[str, torch.Tensor]:
-    """lerobot's ``model.safetensors`` names for pi0 / pi0.5 (acot_pi0.md §2.4 target names + ``model.``)."""
-    sd = {}
-    for i in range(PL):
-        for prefix, w, f, ada in ((f"{PALI}language_model.layers.{i}.", PD, PFFN, False),
-                                  (f"{EXP}model.layers.{i}.", PW, PFFN_A, pi05)):
-            sd[prefix + "self_attn.q_proj.weight"] = rand(PH * PHD, w, g=g)
-            sd[prefix + "self_attn.k_proj.weight"] = rand(PHKV * PHD, w, g=g)
-            sd[prefix + "self_attn.v_proj.weight"] = rand(PHKV * PHD, w, g=g)
-            sd[prefix + "self_attn.o_proj.weight"] = rand(w, PH * PHD, g=g)
-            sd[prefix + "mlp.gate_proj.weight"] = rand(f, w, g=g)
-            sd[prefix + "mlp.up_proj.weight"] = rand(f, w, g=g)
-            sd[prefix + "mlp.down_proj.weight"] = rand(w, f, g=g)
+def lerobot_shapes(pi05: bool, L, D, W, H, HKV, HD, F, FA, V, A, vision: dict) -> dict[str, tuple]:
+    """lerobot's pi0 / pi0.5 ``model.safetensors`` names and shapes (acot_pi0.md §2.4 target names + ``model.``;
+    the adaRMS norms of pi0.5's expert have only ``dense``; both LM heads are present)."""
+    sh: dict[str, tuple] = {}
+    for i in range(L):
+        for prefix, w, f, ada in ((f"{PALI}language_model.layers.{i}.", D, F, False),
+                                  (f"{EXP}model.layers.{i}.", W, FA, pi05)):
+            linear(sh, prefix + "self_attn.q_proj", H * HD, w, bias=False)
+            linear(sh, prefix + "self_attn.k_proj", HKV * HD, w, bias=False)
+            linear(sh, prefix + "self_attn.v_proj", HKV * HD, w, bias=False)
+            linear(sh, prefix + "self_attn.o_proj", w, H * HD, bias=False)
+            linear(sh, prefix + "mlp.gate_proj", f, w, bias=False)
+            linear(sh, prefix + "mlp.up_proj", f, w, bias=False)
+            linear(sh, prefix + "mlp.down_proj", w, f, bias=False)
             for n in ("input_layernorm", "post_attention_layernorm"):
                 if ada:
-                    sd[prefix + n + ".dense.weight"] = rand(3 * w, w, g=g)
-                    sd[prefix + n + ".dense.bias"] = rand(3 * w, g=g)
+                    linear(sh, prefix + n + ".dense", 3 * w, w)
                 else:
-                    sd[prefix + n + ".weight"] = rand(w, g=g)
-    sd[PALI + "language_model.norm.weight"] = rand(PD, g=g)
+                    sh[prefix + n + ".weight"] = (w,)
+    sh[PALI + "language_model.norm.weight"] = (D,)
     if pi05:
-        sd[EXP + "model.norm.dense.weight"] = rand(3 * PW, PW, g=g)
-        sd[EXP + "model.norm.dense.bias"] = rand(3 * PW, g=g)
+        linear(sh, EXP + "model.norm.dense", 3 * W, W)
     else:
-        sd[EXP + "model.norm.weight"] = rand(PW, g=g)
-    sd[PALI + "language_model.embed_tokens.weight"] = rand(PV, PD, g=g)
+        sh[EXP + "model.norm.weight"] = (W,)
+    sh[PALI + "language_model.embed_tokens.weight"] = (V, D)
+    sh["model.paligemma_with_expert.paligemma.lm_head.weight"] = (V, D)
+    sh[EXP + "lm_head.weight"] = (V, W)
+    sh.update(siglip_shapes(PALI + "vision_tower.vision_model.", **vision))
+    linear(sh, PALI + "multi_modal_projector.linear", D, vision["width"])
+    linear(sh, "model.action_in_proj", W, A)
+    linear(sh, "model.action_out_proj", A, W)
+    if pi05:
+        linear(sh, "model.time_mlp_in", W, W)
+        linear(sh, "model.time_mlp_out", W, W)
+    else:
+        linear(sh, "model.state_proj", W, A)
+        linear(sh, "model.action_time_mlp_in", W, 2 * W)
+        linear(sh, "model.action_time_mlp_out", W, W)
+    return sh
+
+
+def lerobot_checkpoint(pi05: bool, g) -> dict[str, torch.Tensor]:
+    """A synthetic lerobot checkpoint at pi0-tiny / pi05-tiny's shapes (the PaliGemma LM head tied)."""
+    vision = dict(layers=1, width=16, mlp=32, patch=(3, 14, 14), positions=4)
+    shapes = lerobot_shapes(pi05, PL, PD, PW, PH, PHKV, PHD, PFFN, PFFN_A, PV, PA, vision)
+    sd = {k: rand(*shape, g=g) for k, shape in shapes.items()}
     sd["model.paligemma_with_expert.paligemma.lm_head.weight"] = sd[PALI + "language_model.embed_tokens.weight"]
-    sd[EXP + "lm_head.weight"] = rand(PV, PW, g=g)
-    sd[PALI + "multi_modal_projector.linear.weight"] = rand(PD, 16, g=g)
-    sd[PALI + "multi_modal_projector.linear.bias"] = rand(PD, g=g)
-    ref = create_model("pi0-tiny").state_dict()
-    for k, v in ref.items():
-        if k.startswith("vision_tower.model."):
-            sd[PALI + "vision_tower.vision_model." + k[len("vision_tower.model."):]] = rand(*v.shape, g=g)
-    sd["model.action_in_proj.weight"], sd["model.action_in_proj.bias"] = rand(PW, PA, g=g), rand(PW, g=g)
-    sd["model.action_out_proj.weight"], sd["model.action_out_proj.bias"] = rand(PA, PW, g=g), rand(PA, g=g)
-    if pi05:
-        for n in ("time_mlp_in", "time_mlp_out"):
-            sd[f"model.{n}.weight"], sd[f"model.{n}.bias"] = rand(PW, PW, g=g), rand(PW, g=g)
-    else:
-        sd["model.state_proj.weight"], sd["model.state_proj.bias"] = rand(PW, PA, g=g), rand(PW, g=g)
-        sd["model.action_time_mlp_in.weight"] = rand(PW, 2 * PW, g=g)
-        sd["model.action_time_mlp_in.bias"] = rand(PW, g=g)
-        sd["model.action_time_mlp_out.weight"], sd["model.action_time_mlp_out.bias"] = rand(PW, PW, g=g), rand(PW, g=g)
     return sd
 
 
@@ -483,3 +524,46 @@ def test_acot_from_pi05_initialises_new_experts_from_the_action_expert(tmp_path)
         assert torch.equal(a[f"{c}.weight"], p[f"{s}.weight"]) and torch.equal(a[f"{c}.bias"], p[f"{s}.bias"])
     assert torch.equal(a["language_model.embed_tokens.weight"], p["language_model.embed_tokens.weight"])
     assert all(k.startswith(("explicit_", "implicit_", "action_reasoning")) for k in report.allowed_missing)
+
+
+# ---------------------------------------------------------------------------------------------- full size, names only
+def test_full_size_halo_checkpoint_layout_maps_onto_the_halo_recipe():
+    """HALO's released layout (Qwen2.5-1.5B × 3 experts, SigLIP so400m NaViT truncated to 26 layers, vocab 151933,
+    halo_bagel.md §1.5, §6.2) covers the full ``halo`` recipe exactly (names and shapes; meta device)."""
+    vit = dict(layers=26, width=1152, mlp=4304, patch=(588,), positions=4900)
+    shapes = bagel_shapes(28, 1536, 12, 2, 128, 8960, 8960, 151933, vit, vit_side=70, latent_side=64, action_dim=14)
+    report = check_mapping("halo", shapes, allow_missing=["vae"])
+    assert report.inferred == {"backbone.config.vocab_size": 151933, "action_dim": 14}
+    assert not report.unmapped and not report.missing and len(report.mapped) == len(shapes) - 2
+    assert sorted(report.regenerated) == ["latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"]
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_full_size_lerobot_checkpoint_layout_maps_onto_the_pi_recipes(kind):
+    """lerobot's pi0 / pi0.5 layout (Gemma-2B + gemma_300m, SigLIP so400m/14 at 224 px, action_dim 32) covers the
+    full ``pi0`` / ``pi05`` recipe exactly."""
+    vision = dict(layers=27, width=1152, mlp=4304, patch=(3, 14, 14), positions=256)
+    shapes = lerobot_shapes(kind == "pi05", 18, 2048, 1024, 8, 1, 256, 16384, 4096, 257152, 32, vision)
+    report = check_mapping(kind, shapes)
+    assert not report.unmapped and not report.missing and len(report.dropped) == 2
+    assert len(report.filled) == (37 if kind == "pi05" else 0)
+    with pytest.raises(ConversionError, match=f"use `convert {kind}`"):  # the other converter points here
+        check_mapping("pi05" if kind == "pi0" else "pi0", shapes)
+
+
+def test_lerobot_key_map_accepts_transformers_4_and_5_layouts():
+    from vla_blocks.convert import lerobot_pi0_key_map
+    fn = lerobot_pi0_key_map()
+    old = "model.paligemma_with_expert.paligemma."
+    assert fn(old + "language_model.model.layers.3.mlp.up_proj.weight")[0] == \
+        "language_model.stack.layers.3.experts.vlm.mlp.up_proj.weight"
+    assert fn(old + "language_model.model.embed_tokens.weight")[0] == "language_model.embed_tokens.weight"
+    assert fn(old + "vision_tower.vision_model.post_layernorm.bias")[0] == "vision_tower.model.post_layernorm.bias"
+    assert fn(PALI + "vision_tower.encoder.layers.2.layer_norm1.weight")[0] == \
+        "vision_tower.model.encoder.layers.2.layer_norm1.weight"
+    assert fn(old + "multi_modal_projector.linear.bias")[0] == "multi_modal_projector.linear.bias"
+    assert fn("paligemma_with_expert.gemma_expert.model.norm.dense.bias")[0] == \
+        "language_model.stack.norms.act.dense.bias"  # without the policy's `model.` prefix
+    assert fn("action_out_proj.weight")[0] == "action_out_proj.weight"
+    assert fn(EXP + "model.layers.0.self_attn.rotary_emb.inv_freq") == (None, "RoPE inverse frequencies: recomputed")
+    assert fn("model.something_new.weight") == (None, None)

@@ -461,6 +461,101 @@ def _regenerate(model: nn.Module, key: str) -> torch.Tensor:
     return getattr(m, name).detach().float().clone()
 
 
+class ShapeSource:
+    """Names and shapes only (no tensors): for :func:`check_mapping`."""
+
+    def __init__(self, shapes: Mapping[str, Iterable[int]], dtypes: Mapping[str, str] | None = None):
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.dtypes = dict(dtypes or {})
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, key) -> bool:
+        return key in self.shapes
+
+
+@dataclass
+class _Plan:
+    cfg: Any
+    model: nn.Module  # on the meta device
+    target: dict[str, tuple]
+    plan: dict[str, str]  # target key -> source key
+    regen: list[str]
+    fills: dict[str, str]
+    keep: list[str]
+    report: ConversionReport
+
+
+def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow_unmapped: bool,
+          allow_missing: Iterable[str], vae: Callable[[nn.Module, dict, ConversionReport], dict] | None = None
+          ) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """Names and shapes: map every source key, or drop it with a reason, or report it; then account for every
+    model tensor. Raises :class:`ConversionError` listing the problems."""
+    if kind not in CONVERTERS:
+        raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
+    spec = CONVERTERS[kind]
+    report = ConversionReport(source=label)
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    report.inferred = {k: v for k, v in spec.infer(source).items() if k not in (overrides or {})}
+    cfg = load_recipe(recipe or spec.recipe, {**report.inferred, **(overrides or {})})
+    allow_missing = list(allow_missing)
+    with torch.device("meta"):
+        model = cfg.build()
+    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    key_map = spec.key_map(cfg)
+    plan: dict[str, str] = {}
+    for k in source.keys():
+        t, reason = key_map(k)
+        if t is None:
+            if reason:
+                report.dropped[k] = reason
+            else:
+                report.unmapped.append(k)
+        elif t not in target:
+            report.unmapped.append(k)
+        elif tuple(source.shapes[k]) != target[t]:
+            report.mismatched.append((k, t, tuple(source.shapes[k]), target[t]))
+        else:
+            plan[t] = k
+            report.mapped[k] = t
+    extra = vae(model, target, report) if vae is not None else {}
+    # model tensors without a source: regenerated tables, adaRMS scales, allowed (kept), or missing
+    todo = [t for t in target if t not in plan and t not in extra]
+    regen = [t for t in todo if t in spec.regenerate]
+    fills = _adarms_fill(model, [t for t in todo if t not in regen])
+    keep = [t for t in todo if t not in regen and t not in fills and _matches_prefix(t, allow_missing)]
+    report.missing = [t for t in todo if t not in regen and t not in fills and t not in keep]
+    report.filled = fills
+    problems = []
+    if report.unmapped and not allow_unmapped:
+        problems.append("unmapped source keys (pass --allow-unmapped / allow_unmapped=True to drop them)")
+        hint = _kind_hint(kind, source)
+        if hint:
+            problems.append(hint)
+    if report.missing:
+        problems.append("model tensors with no source (a wrong --recipe? HALO's VAE needs --vae; pass "
+                        "--allow-missing PREFIX to keep the recipe's initialisation for them)")
+    if report.mismatched:
+        problems.append("shape mismatches (a wrong --recipe or overrides?)")
+    if problems:
+        raise ConversionError(f"cannot convert {label} as {kind} into recipe "
+                              f"{recipe or spec.recipe}: {'; '.join(problems)}\n{report.summary()}")
+    return _Plan(cfg, model, target, plan, regen, fills, keep, report), extra
+
+
+def check_mapping(kind: str, shapes: Mapping[str, Iterable[int]], *, recipe: str | None = None,
+                  overrides: Mapping[str, Any] | list[str] | None = None, allow_unmapped: bool = False,
+                  allow_missing: Iterable[str] = ()) -> ConversionReport:
+    """The names-and-shapes pass of :func:`convert` on ``{source key: shape}`` (no tensors, the model on the meta
+    device): check that a full-size checkpoint layout maps onto a recipe. Raises :class:`ConversionError`."""
+    p, _ = _plan(kind, ShapeSource(shapes), "<shapes>", recipe=recipe, overrides=overrides,
+                 allow_unmapped=allow_unmapped, allow_missing=allow_missing)
+    p.report.regenerated = list(p.regen)
+    return p.report
+
+
 def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe: str | None = None,
             overrides: Mapping[str, Any] | list[str] | None = None, overlays: Iterable[str] = (),
             vae: str | None = None, norm_stats: str | None = None, allow_unmapped: bool = False,
@@ -483,42 +578,16 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
     for o in overlays:
         files += source_files(o, spec.prefer, cache_dir=cache_dir)
     source = SourceCheckpoint(files)
-    report = ConversionReport(source=str(src) + "".join(f" + {o}" for o in overlays))
-    if isinstance(overrides, (list, tuple)):
-        overrides = dict(parse_override(o) for o in overrides)
-    report.inferred = {k: v for k, v in spec.infer(source).items() if k not in (overrides or {})}
-    cfg = load_recipe(recipe or spec.recipe, {**report.inferred, **(overrides or {})})
-    allow_missing = list(allow_missing)
-    with torch.device("meta"):
-        model = cfg.build()
-    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    key_map = spec.key_map(cfg)
+    label = str(src) + "".join(f" + {o}" for o in overlays)
 
-    # 1. names only: map every source key, or drop it with a reason, or report it
-    plan: dict[str, str] = {}
-    for k in source.keys():
-        t, reason = key_map(k)
-        if t is None:
-            if reason:
-                report.dropped[k] = reason
-            else:
-                report.unmapped.append(k)
-        elif t not in target:
-            report.unmapped.append(k)
-        elif tuple(source.shapes[k]) != target[t]:
-            report.mismatched.append((k, t, tuple(source.shapes[k]), target[t]))
-        else:
-            plan[t] = k
-            report.mapped[k] = t
-    # 2. the VAE from its own file
-    vae_state: dict[str, torch.Tensor] = {}
-    if vae is not None:
+    def vae_from_file(model, target, report):
         from safetensors.torch import load_file
         raw = {}
         for f in _vae_files(vae):
             raw.update(load_file(f))
         vae_mod = _find_vae(model)
         prefix = _module_name(model, vae_mod) + "."
+        out_state = {}
         for k, v in convert_vae_state(raw, vae_mod).items():
             t = prefix + k
             if t not in target:
@@ -526,29 +595,14 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
             elif tuple(v.shape) != target[t]:
                 report.mismatched.append((f"{vae}:{k}", t, tuple(v.shape), target[t]))
             else:
-                vae_state[t] = v.float()
+                out_state[t] = v.float()
                 report.mapped[f"{vae}:{k}"] = t
-    # 3. target tensors without a source: regenerated tables, adaRMS scales, allowed, or missing
-    todo = [t for t in target if t not in plan and t not in vae_state]
-    regen = [t for t in todo if t in spec.regenerate]
-    fills = _adarms_fill(model, [t for t in todo if t not in regen])
-    keep = [t for t in todo if t not in regen and t not in fills and _matches_prefix(t, allow_missing)]
-    report.missing = [t for t in todo if t not in regen and t not in fills and t not in keep]
-    report.filled = fills
-    problems = []
-    if report.unmapped and not allow_unmapped:
-        problems.append("unmapped source keys (pass --allow-unmapped / allow_unmapped=True to drop them)")
-        hint = _kind_hint(kind, source)
-        if hint:
-            problems.append(hint)
-    if report.missing:
-        problems.append("model tensors with no source (a wrong --recipe? HALO's VAE needs --vae; pass "
-                        "--allow-missing PREFIX to keep the recipe's initialisation for them)")
-    if report.mismatched:
-        problems.append("shape mismatches (a wrong --recipe or overrides?)")
-    if problems:
-        raise ConversionError(f"cannot convert {report.source} as {kind} into recipe "
-                              f"{recipe or spec.recipe}: {'; '.join(problems)}\n{report.summary()}")
+        return out_state
+
+    p, vae_state = _plan(kind, source, label, recipe=recipe, overrides=overrides, allow_unmapped=allow_unmapped,
+                         allow_missing=allow_missing, vae=vae_from_file if vae is not None else None)
+    cfg, model, target, plan, regen, fills, keep, report = (p.cfg, p.model, p.target, p.plan, p.regen, p.fills,
+                                                            p.keep, p.report)
 
     # 4. tensors (fp32), then a strict load into the model
     if keep:  # these keep the recipe's own initialisation: build the model for real
@@ -671,5 +725,5 @@ def _register_cli():
 
 _register_cli()
 
-__all__ = ["convert", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
+__all__ = ["convert", "check_mapping", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
            "source_files", "halo_key_map", "lerobot_pi0_key_map", "convert_vae_state", "read_norm_stats"]
