@@ -91,3 +91,17 @@ def test_missing_statistics_are_an_error():
         Normalizer("minmax")
     with pytest.raises(ValueError, match="different widths"):
         Normalizer("zscore", {"a": {"mean": [0.0, 1.0], "std": [1.0]}})
+
+
+def test_statistics_follow_the_device_but_stay_float32():
+    norm = Normalizer.from_data({"actions": data()}, mode="zscore")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.normalizer = norm
+    x = torch.randn(3, 7)
+    expect = norm.normalize("actions", x)
+    model.to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in norm.buffers())
+    assert torch.equal(norm.normalize("actions", x), expect)
+    model.to(device="meta")
+    assert all(b.is_meta and b.dtype == torch.float32 for b in norm.buffers())

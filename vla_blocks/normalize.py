@@ -140,7 +140,7 @@ class Normalizer(nn.Module):
         return {s: self._buffers[f"{prefix}__{s}"] for s in ALL_STATS if f"{prefix}__{s}" in self._buffers}
 
     # -- maps ----------------------------------------------------------------------------------------
-    def _apply(self, key: str, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    def _transform(self, key: str, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         if key not in self._names:
             return x
         st = {s: t.to(x.device) for s, t in self.stats(key).items()}
@@ -160,11 +160,11 @@ class Normalizer(nn.Module):
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Raw values → model space (identity when ``key`` has no statistics)."""
-        return self._apply(key, x, inverse=False)
+        return self._transform(key, x, inverse=False)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Model space → raw values (identity when ``key`` has no statistics)."""
-        return self._apply(key, x, inverse=True)
+        return self._transform(key, x, inverse=True)
 
     def normalize_batch(self, batch: dict, keys: Iterable[str]) -> dict:
         """A shallow copy of ``batch`` with ``keys`` (those present) normalised."""
@@ -173,6 +173,15 @@ class Normalizer(nn.Module):
             if k in out and out[k] is not None:
                 out[k] = self.normalize(k, out[k])
         return out
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cuda()`` / ``.half()``: statistics follow the device but stay float32 (a bf16 model
+        must not round its normalisation statistics)."""
+        for name, b in list(self._buffers.items()):
+            if b is not None:
+                moved = fn(b)
+                self._buffers[name] = moved if moved.dtype == b.dtype else b.to(moved.device)
+        return self
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
