@@ -567,3 +567,42 @@ def test_lerobot_key_map_accepts_transformers_4_and_5_layouts():
     assert fn("action_out_proj.weight")[0] == "action_out_proj.weight"
     assert fn(EXP + "model.layers.0.self_attn.rotary_emb.inv_freq") == (None, "RoPE inverse frequencies: recomputed")
     assert fn("model.something_new.weight") == (None, None)
+
+
+def diffusers_to_ldm(sd: dict, n_blocks: int = 4) -> dict:
+    """Our tiny diffusers VAE under the original LDM / FLUX ``ae.safetensors`` names (``encoder.down.{i}.block.{j}``,
+    ``mid.block_1``/``attn_1``, ``decoder.up.{i}`` counted from the bottom, 1×1-conv attention projections)."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        k2 = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+        k2 = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k2)
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.(.*)$", k2)
+        if m:
+            i = n_blocks - 1 - int(m[1])
+            k2 = f"decoder.up.{i}.block.{m[2]}.{m[3]}" if m[2] is not None else f"decoder.up.{i}.upsample.{m[3]}"
+        k2 = k2.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+        for a, b in attn.items():
+            if f"mid_block.attentions.0.{a}." in k2:
+                k2 = k2.replace(f"mid_block.attentions.0.{a}.", f"mid.attn_1.{b}.")
+                if a != "group_norm" and v.ndim == 2:
+                    v = v[:, :, None, None]
+        k2 = k2.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        out[k2] = v
+    return out
+
+
+def test_halo_vae_from_flux_ldm_names(halo_src, tmp_path):
+    """HALO's VAE comes from FLUX's ``ae.safetensors`` (LDM names): converted with diffusers' mapping."""
+    d, _ = halo_src
+    from safetensors.torch import load_file
+    vae = load_file(d / "vae.safetensors")
+    ldm = diffusers_to_ldm(vae)
+    assert "encoder.down.0.block.0.conv1.weight" in ldm and "decoder.up.3.upsample.conv.weight" in ldm
+    save_file(ldm, tmp_path / "ae.safetensors")
+    out, report = convert("halo", d / "ema.safetensors", tmp_path / "out", recipe="halo-tiny",
+                          vae=str(tmp_path / "ae.safetensors"))
+    own = VLAModel.from_pretrained(out).state_dict()
+    for k, v in vae.items():
+        assert torch.equal(own["vae.vae." + k], v.float()), k

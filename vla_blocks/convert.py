@@ -88,7 +88,8 @@ class SourceCheckpoint:
         return " + ".join(str(f) for f in self.files)
 
 
-_SOURCE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json"]
+#: small files fetched beside the weights (configs, normalisation statistics)
+_SIDE_PATTERNS = ["*.json", "policy_*processor*.safetensors", "assets/*/norm_stats.json"]
 
 
 def source_files(src: str | os.PathLike, prefer: Iterable[str] = ("ema.safetensors", "model.safetensors"),
@@ -99,7 +100,7 @@ def source_files(src: str | os.PathLike, prefer: Iterable[str] = ("ema.safetenso
     if src.startswith("hf-hub:"):
         from .model import parse_model_ref
         ref = parse_model_ref(src)
-        folder = _download_any(ref.target, ref.revision or revision, cache_dir)
+        folder = _download_any(ref.target, ref.revision or revision, cache_dir, prefer)
     else:
         folder = Path(src).expanduser()
         if folder.is_file():
@@ -128,15 +129,24 @@ def source_files(src: str | os.PathLike, prefer: Iterable[str] = ("ema.safetenso
                             f"{[f.name for f in found] or 'no safetensors files'}")
 
 
-def _download_any(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+def _download_any(repo_id: str, revision: str | None, cache_dir: str | None, prefer: Iterable[str]) -> Path:
+    """Download only the first of ``prefer`` the repo has (with its index and shards) plus the small side files;
+    offline, the cached snapshot."""
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     from .hub import _offline
     rev = f" --revision {revision}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=_SOURCE_PATTERNS, library_name="vla_blocks"))
+        folder = None
+        for name in prefer:
+            stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                            allow_patterns=[name, f"{name}.index.json", f"{stem}-*-of-*.safetensors",
+                                                            *_SIDE_PATTERNS], library_name="vla_blocks"))
+            if (folder / name).is_file() or (folder / f"{name}.index.json").is_file():
+                break
+        return folder
     except hf_errors.LocalEntryNotFoundError as e:
         state = "HF_HUB_OFFLINE=1" if _offline() else "the Hub could not be reached"
         raise FileNotFoundError(f"hf-hub:{repo_id} is not in the local Hub cache and {state}: set HF_HUB_OFFLINE=0 "
