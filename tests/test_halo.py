@@ -471,3 +471,42 @@ def test_demo_batch_and_inference_run(model):
     out = model.demo_inference(batch)
     assert out["mode"] == "emcot" and out["actions"].shape == (CHUNK, A)
     assert out["contexts"]["full"].endswith("subgoal:vae subgoal:vit")
+
+
+def test_condition_dropout_leaves_out_conditions_never_targets():
+    cfg = model_config("halo-tiny", **{"cond_dropout.text": 1.0, "cond_dropout.vit": 1.0, "cond_dropout.vae": 1.0})
+    m = cfg.build().train()
+    s = _samples()[0]
+    plan = [(it.source, it.kind) for it in m.collate([s])["plans"][0]]
+    assert plan == [("thought", "text"), ("goal", "vae_noisy"), ("goal", "vae"), ("goal", "vit"), ("action", "action")]
+    full = [(it.source, it.kind) for it in m.collate([s], cond_dropout=False)["plans"][0]]
+    assert full[:4] == [("history[0]", "vae"), ("history[0]", "vit"), ("history[1]", "vae"), ("history[1]", "vit")]
+    assert [(it.source, it.kind) for it in m.eval().collate([s])["plans"][0]] == full  # off in eval mode
+    loss, metrics = m.train()(dict(m.collate([s]), seed=0))  # a plan without conditions still trains
+    assert torch.isfinite(loss) and metrics["l1_tokens"] == CHUNK
+
+
+def test_mixed_mode_draws_the_chain_with_cot_prob(rmodel):
+    inf = rmodel.config.inference
+    s = _samples()[0]
+    saved = inf.cot_prob
+    try:
+        for p, mode in ((1.0, "emcot"), (0.0, "reactive")):
+            inf.cot_prob = p
+            trace = rmodel.infer(s.history, s.instruction, mode="mixed", generator=torch.Generator().manual_seed(0))
+            assert trace.mode == mode and (trace.reasoning is not None) == (mode == "emcot")
+    finally:
+        inf.cot_prob = saved
+
+
+def test_save_and_load_keep_weights_and_the_trace(rmodel, tmp_path):
+    rmodel.save_pretrained(tmp_path)
+    loaded = type(rmodel).from_pretrained(f"local-dir:{tmp_path}").eval()
+    ref = rmodel.state_dict()
+    assert set(loaded.state_dict()) == set(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    assert loaded.latent_head.llm2vae is loaded.llm2vae  # the patchify helper shares the registered modules
+    s = _samples()[0]
+    a = rmodel.infer(s.history, s.instruction, generator=torch.Generator().manual_seed(0))
+    b = loaded.infer(s.history, s.instruction, generator=torch.Generator().manual_seed(0))
+    assert a.reasoning_ids == b.reasoning_ids and torch.equal(a.actions, b.actions)

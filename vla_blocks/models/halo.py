@@ -57,7 +57,7 @@ from ..model import VLAModel
 from ..mot import PrefixCache
 from ..tokenization import HaloTokenizer, TokenizerConfig
 
-__all__ = ["HaloConfig", "HaloLossWeights", "HaloInferenceConfig", "HaloSample", "PlanItem", "HaloModel",
+__all__ = ["HaloConfig", "HaloLossWeights", "HaloCondDropout", "HaloInferenceConfig", "HaloSample", "PlanItem", "HaloModel",
            "HaloContext", "ContextItem", "HaloTrace", "pack_rows", "format_prompt", "format_thought",
            "synthetic_sample", "PROMPT_TEMPLATE", "ROLES"]
 
@@ -92,6 +92,18 @@ def _default_stage_weights() -> dict[str, HaloLossWeights]:
 
 
 @dataclass
+class HaloCondDropout:
+    """Training-time condition dropout (BAGEL's ``enable_cfg`` items): each prompt text, history ViT image
+    and history VAE image is left out of the plan with these probabilities, so the no-text / no-image
+    contexts of classifier-free guidance are in distribution. BAGEL pre-training: text 0.1, ViT 0.3,
+    VAE 0.3; HALO's RoboTwin fine-tune: off. Targets (thought, goal, action) are never dropped."""
+
+    text: float = 0.0
+    vit: float = 0.0
+    vae: float = 0.0
+
+
+@dataclass
 class HaloInferenceConfig:
     """Inference knobs (defaults: HALO's released inference settings).
 
@@ -101,10 +113,12 @@ class HaloInferenceConfig:
     grid, CFG on ``action_cfg_interval`` in EM-CoT mode and on ``reactive_action_cfg_interval`` in
     reactive mode (HALO: [1, 1], i.e. off). ``decode_scale``: the sampled latent is divided by it
     before VAE decoding (HALO hard-codes 1.4; BAGEL 1.0). ``subgoal_vit``: the decoded subgoal is also
-    inserted as a ViT image, as in the training plan (HALO inserts only the latent).
+    inserted as a ViT image, as in the training plan (HALO inserts only the latent). ``mode: mixed``
+    runs the EM-CoT chain with probability ``cot_prob`` and acts reactively otherwise (HALO's policy: 0.2).
     """
 
-    mode: Literal["emcot", "reactive"] = "emcot"
+    mode: Literal["emcot", "reactive", "mixed"] = "emcot"
+    cot_prob: float = 0.2
     max_new_tokens: int = 1000
     latent_points: int = 50
     latent_shift: float = 3.0
@@ -158,6 +172,7 @@ class HaloConfig(ModelConfig):
     action_time: TimeSamplerConfig = field(default_factory=LogitNormalTimeSampler)
     stage: str = "pretrain"
     loss_weights: dict[str, HaloLossWeights] = field(default_factory=_default_stage_weights)
+    cond_dropout: HaloCondDropout = field(default_factory=HaloCondDropout)
     prompt_template: str = PROMPT_TEMPLATE
     freeze_vae: bool = True
     freeze_vit: bool = False
@@ -552,19 +567,28 @@ class HaloModel(VLAModel):
             a = torch.cat([a, a[-1:].expand(L - a.shape[0], A)])
         return a
 
-    def sequence_plan(self, sample: HaloSample) -> list[PlanItem]:
-        """The plan of one sample (reference §2.2); see the module docstring."""
+    def sequence_plan(self, sample: HaloSample, dropout: HaloCondDropout | None = None,
+                      generator: torch.Generator | None = None) -> list[PlanItem]:
+        """The plan of one sample (reference §2.2; see the module docstring), with conditions left out at the
+        ``dropout`` probabilities (none by default)."""
         tok = self.tokenizer
         if not sample.history:
             raise ValueError("a sample needs at least one history frame")
+
+        def keep(p: float) -> bool:
+            return p <= 0.0 or float(torch.rand((), generator=generator)) >= p
+
+        d = dropout or HaloCondDropout()
         items: list[PlanItem] = []
         emcot = sample.mode == "emcot"
         for i, frame in enumerate(sample.history):
-            if emcot:
+            if emcot and keep(d.vae):
                 items.append(PlanItem("vae", f"history[{i}]", image=frame, grid=self.latent_grid(frame)))
-            items.append(PlanItem("vit", f"history[{i}]", image=frame, grid=self.vit_grid(frame)))
-        items.append(PlanItem("text", "prompt", ids=tok.encode(format_prompt(sample.instruction,
-                                                                                self.config.prompt_template))))
+            if keep(d.vit):
+                items.append(PlanItem("vit", f"history[{i}]", image=frame, grid=self.vit_grid(frame)))
+        if keep(d.text):
+            items.append(PlanItem("text", "prompt", ids=tok.encode(format_prompt(sample.instruction,
+                                                                                    self.config.prompt_template))))
         if sample.thought is not None:
             items.append(PlanItem("text", "thought", ids=tok.encode(sample.thought), loss=True))
         if sample.goal is not None:
@@ -578,13 +602,16 @@ class HaloModel(VLAModel):
         return items
 
     def collate(self, samples: Sequence[HaloSample], max_tokens: int | None = None, pack: bool = True,
-                pad: bool = False) -> dict:
+                pad: bool = False, cond_dropout: bool | None = None,
+                generator: torch.Generator | None = None) -> dict:
         """Samples → a training batch. ``pack=True`` puts samples as documents into rows (all into one row,
         or greedily up to ``max_tokens`` per row); ``pack=False`` gives one row per sample. ``pad`` pads
-        rows to ``max_tokens``. Per-token payloads are in layout order of their labels."""
+        rows to ``max_tokens``. ``cond_dropout`` applies ``config.cond_dropout`` (default: when training).
+        Per-token payloads are in layout order of their labels."""
         if not samples:
             raise ValueError("no samples")
-        plans = [self.sequence_plan(s) for s in samples]
+        drop = self.training if cond_dropout is None else cond_dropout
+        plans = [self.sequence_plan(s, self.config.cond_dropout if drop else None, generator) for s in samples]
         lengths = [sum(it.num_tokens for it in p) for p in plans]
         if not pack:
             rows = [[i] for i in range(len(samples))]
@@ -802,11 +829,14 @@ class HaloModel(VLAModel):
     def infer(self, history: Sequence[torch.Tensor], instruction: str, mode: str | None = None,
               generator: torch.Generator | None = None, max_new_tokens: int | None = None) -> HaloTrace:
         """One policy call on the last ``history_frames`` frames. ``mode``: ``emcot`` (reasoning → subgoal →
-        action) or ``reactive`` (action only); default ``inference.mode``. Returns a :class:`HaloTrace`."""
+        action), ``reactive`` (action only) or ``mixed`` (EM-CoT with probability ``inference.cot_prob``);
+        default ``inference.mode``. Returns a :class:`HaloTrace` (timings synchronise CUDA)."""
         inf = self.config.inference
         mode = mode or inf.mode
-        if mode not in ("emcot", "reactive"):
-            raise ValueError(f"unknown inference mode {mode!r} (valid: 'emcot', 'reactive')")
+        if mode not in ("emcot", "reactive", "mixed"):
+            raise ValueError(f"unknown inference mode {mode!r} (valid: 'emcot', 'reactive', 'mixed')")
+        if mode == "mixed":
+            mode = "emcot" if float(torch.rand((), generator=generator)) < inf.cot_prob else "reactive"
         frames = list(history)[-self.config.history_frames:]
         if not frames:
             raise ValueError("infer needs at least one history frame")
@@ -815,6 +845,8 @@ class HaloModel(VLAModel):
 
         def lap(name):
             nonlocal clock
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             timings[name] = now - clock
             clock = now
@@ -868,7 +900,7 @@ class HaloModel(VLAModel):
             lap("subgoal_insert")
         trace.actions = self.sample_action(contexts, action_interval, generator)
         lap("action")
-        timings["total"] = time.perf_counter() - t_start
+        timings["total"] = clock - t_start
         return trace
 
     # ------------------------------------------------------------------ policy API
