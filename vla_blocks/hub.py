@@ -123,11 +123,13 @@ class LoadReport:
 
 
 def _listing(title: str, items: list[str]) -> list[str]:
+    """``  N title:`` then one item per line (at most ``_SHOW``)."""
     if not items:
         return []
-    shown = ", ".join(items[:_SHOW])
-    more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
-    return [f"  {len(items)} {title}: {shown}{more}"]
+    lines = [f"  {len(items)} {title}:"] + [f"    {x}" for x in items[:_SHOW]]
+    if len(items) > _SHOW:
+        lines.append(f"    ... and {len(items) - _SHOW} more")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- references
