@@ -315,6 +315,11 @@ def test_context_holds_each_observation_once(rmodel):
     assert full.sources() == hist + ["prompt:text", "thought:text", "subgoal:vae", "subgoal:vit"]
     assert no_text.sources() == hist + ["subgoal:vae", "subgoal:vit"]
     assert no_image.sources() == ["prompt:text", "thought:text"]
+    # the policy is prompted with the training template (upstream passed the raw instruction at inference)
+    tok = m.tokenizer
+    train_prompt = [it for it in m.collate([s])["plans"][0] if it.source == "prompt"][0].ids
+    assert full.items[2 * len(s.history)].ids == [tok.bos_id] + train_prompt + [tok.eos_id]
+    assert no_image.items[0].ids == full.items[2 * len(s.history)].ids
     # the caches hold exactly those segments, each once: a one-shot prefill of them gives the same K/V
     for ctx in (full, no_text, no_image):
         assert ctx.length == sum(seg.length for seg in ctx.segments)
@@ -448,6 +453,9 @@ def test_halo_recipe_sizes_on_meta():
     assert 4.5e9 < total < 5.0e9  # HALO reports "~4.5B"; with SigLIP-26 and the FLUX VAE this count is 4.91B
     assert tuple(m.vae.vae.config.block_out_channels) == (128, 256, 512, 512) and m.vae.latent_channels == 16
     assert m.config.action_dim == 14 and m.config.chunk_size == 16
+    # reference §5.3: a 320×240 RoboTwin frame goes to the VAE at 688×512, i.e. 43×32 = 1376 latent tokens
+    assert m.vae_size(240, 320) == (512, 688)
+    assert m.latent_grid(torch.zeros(3, 240, 320, device="meta")) == (32, 43)
 
 
 def test_action_expert_ffn_ratio_is_a_recipe_edit():
