@@ -27,6 +27,15 @@ conditioned on the EAR sample; returns ``actions`` and ``coarse_actions``.
 Ablations are recipe overrides: ``ear=null`` (EAR off), ``iar=null`` (IAR off),
 ``iar.type=learnable_query`` / ``attention_pooling`` (extractor), ``iar.mask_padding=true`` (masked IAR).
 
+Known differences from upstream (both only touch invalid prefix tokens, which no valid token attends):
+a query row with nothing to attend returns 0 here (DESIGN §2) where upstream's softmax over all-masked
+logits averages every value; and invalid *leading* tokens get RoPE position 0 where upstream gives −1.
+The action outputs are unaffected, but with the upstream default ``iar.mask_padding: false`` the IAR
+also reads the K/V of those invalid positions, which differ from upstream's in layers ≥ 1 (every valid
+position matches, and invalid ones match in layer 0 unless they lead the prefix). LIBERO's masked camera
+is the last slot, so only text padding and that camera are concerned. ``iar.mask_padding: true`` removes
+the dependence.
+
 Batch keys: those of :mod:`vla_blocks.models.pi0`, with ``actions`` either the raw chunk of
 ``reference_chunk_length`` frames (the EAR reference is sliced from it) or the H-step chunk together with
 ``coarse_actions`` [B, ear.horizon, ≤action_dim]; optional ``coarse_noise`` fixes the EAR flow sample.

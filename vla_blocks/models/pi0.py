@@ -132,6 +132,9 @@ def policy_layout(image_valid: torch.Tensor, tokens_per_image: int, text_valid: 
     """The layout of a batch: prefix (``image_valid [B, n_cam]``, ``text_valid [B, L]``) then each suffix
     ``(expert, label, horizon, with_state)``. With several suffixes their segments use ``sequential_hold``
     RoPE: each starts at the number of valid prefix tokens, as if it followed the prefix alone."""
+    if len(suffixes) > 1 and any(with_state for *_, with_state in suffixes):
+        raise ValueError("suffixes with a state token (pi0 mode) cannot share a pass: the second state token would "
+                         "see the first suffix; run one suffix per pass")
     rope = "sequential_hold" if len(suffixes) > 1 else "sequential"
     image_valid, text_valid = image_valid.cpu(), text_valid.cpu()
     samples = []
