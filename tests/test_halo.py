@@ -229,7 +229,9 @@ def rmodel():
     return _randomised()
 
 
+@torch.no_grad()
 def _prefill(model, items):
+    """Oracle: one pass over all ``items`` from an empty cache."""
     ctx = HaloContext(model, "oracle")
     ctx.extend(items)
     return ctx
@@ -246,6 +248,7 @@ def _open_text(m, ids):
     return ContextItem("text", "thought", Segment.of("causal", "und", len(full), "text"), {"text": m.embed_text(full)})
 
 
+@torch.no_grad()
 def _one_shot_logits(m, items):
     layout = Layout.from_samples([[it.segment for it in items]], m.experts)
     labels = {k for it in items for k in it.embeds}

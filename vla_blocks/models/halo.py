@@ -411,6 +411,18 @@ class HaloTrace:
 
 # ---------------------------------------------------------------------------------------------- model
 class HaloModel(VLAModel):
+    """HALO built from a :class:`HaloConfig` (see the module docstring).
+
+    Modules under upstream names (a converter maps prefixes only): ``lm`` (``embed_tokens``, the MoT
+    ``stack`` with experts ``und`` / ``gen`` / ``act``, ``lm_head``), ``vit_model``, ``connector``,
+    ``vit_pos_embed``, ``vae``, ``vae2llm``, ``llm2vae``, ``time_embedder``, ``latent_pos_embed``,
+    ``input_linear_layer``, ``output_linear_layer``, ``action_time_embedder``.
+
+    Training: ``loss, metrics = model(model.collate(samples))``. Inference: :meth:`infer` (a trace),
+    :meth:`predict_action_chunk` / ``select_action`` (lerobot names). ``model.tokenizer`` may be replaced
+    by any :class:`~vla_blocks.tokenization.HaloTokenizer` whose ids fit the vocabulary.
+    """
+
     def __init__(self, config: HaloConfig):
         super().__init__(config)
         cfg = config
