@@ -16,7 +16,7 @@ from vla_blocks import hub
 from vla_blocks.cli import main
 from vla_blocks.convert import ConversionError, check_mapping, convert
 from vla_blocks.layout import Layout, Part, Segment
-from vla_blocks.model import VLAModel, create_model
+from vla_blocks.model import VLAModel, create_model, model_config
 
 SHA = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -606,3 +606,15 @@ def test_halo_vae_from_flux_ldm_names(halo_src, tmp_path):
     own = VLAModel.from_pretrained(out).state_dict()
     for k, v in vae.items():
         assert torch.equal(own["vae.vae." + k], v.float()), k
+
+
+def test_full_size_pi05_loads_into_the_acot_recipe_with_the_preset():
+    """Names and shapes on the meta device: the full pi05 recipe's weights fill acot-libero through
+    ``hub.ACOT_FROM_PI05``; only the new reasoner modules keep their initialisation."""
+    with torch.device("meta"):
+        pi05 = model_config("pi05").build().state_dict()
+        acot = model_config("acot-libero").build()
+    report = hub.load_weights(acot, pi05, dry_run=True, **hub.ACOT_FROM_PI05)
+    assert report.ok and not report.unexpected
+    assert any(".experts.ear." in t and ".experts.act." in s for t, s in report.remapped.items())
+    assert report.remapped["coarse_action_out_proj.weight"] == "action_out_proj.weight"

@@ -502,7 +502,7 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
                  exclude: Iterable[str] | None = None,
                  key_map: Mapping[str, str] | Callable[[str], str | None] | None = None,
                  expert_map: Mapping[str, str] | None = None, allow_missing: Iterable[str] | None = None,
-                 progress: bool | None = None, **resolve_kw) -> LoadReport:
+                 progress: bool | None = None, dry_run: bool = False, **resolve_kw) -> LoadReport:
     """Load ``source`` (a saved folder or reference, or a state dict) into ``model`` in place.
 
     Target keys (the model's state dict, filtered by ``only`` / ``exclude`` prefixes) get the source tensor
@@ -510,7 +510,8 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
     unexpected (source keys nothing used; not counted when ``only`` is given) or misshapen key raises
     :class:`WeightsMismatchError` listing them and nothing is loaded. Non-strict: matching tensors are loaded,
     the rest reported (returned and logged). Tensors are cast to the target's dtype. A model built on the meta
-    device is materialised (every target key must then be loaded).
+    device is materialised (every target key must then be loaded). ``dry_run``: names and shapes only (the
+    report, or the strict error), nothing is read or copied.
     """
     if isinstance(source, Mapping):
         ckpt = _DictSource(source)
@@ -562,6 +563,8 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
             f"Check that the recipe and overrides match the checkpoint; pass strict=False to load what matches "
             f"(only=[prefixes] for a part, key_map/expert_map to rename, allow_missing=[regex] for new modules).",
             report)
+    if dry_run:
+        return report
     _copy_in(model, target, ckpt, plan, progress)
     if not report.ok:
         logger.warning("non-strict load: %s", report.summary())
