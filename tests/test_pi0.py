@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vla_blocks.conditioning import posemb_sincos
 from vla_blocks.model import create_model, model_config
-from vla_blocks.models.pi0 import ACT, policy_layout
+from vla_blocks.models.pi0 import ACT, discretize_state, pi05_prompt, policy_layout
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -245,3 +245,12 @@ def test_full_size_pi0_and_pi05_parameter_counts_on_meta():
                   (2 * (1024 * 1024 + 1024) if pi05 else (32 * 1024 + 1024) + 2048 * 1024 + 1024 + 1024 * 1024 + 1024))
         assert model.num_parameters() == expect, name
     assert 3.2e9 < expect < 3.4e9  # pi0.5 ≈ 3.3B (reference/acot_pi0.md §1.1)
+
+
+def test_pi05_prompt_discretises_the_state_like_openpi():
+    import numpy as np
+    state = torch.tensor([-1.5, -1.0, -0.3, 0.0, 0.999, 1.0, 2.0])
+    expect = np.digitize(state.numpy(), bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1  # openpi tokenizer.py
+    assert discretize_state(state).tolist() == expect.tolist()
+    assert pi05_prompt("pick_up the\ncup ", state[:2]) == "Task: pick up the cup, State: -1 0;\nAction: "
+    assert pi05_prompt("pick_up the cup") == "pick up the cup"

@@ -21,7 +21,8 @@ Batch keys (model space is after :class:`~vla_blocks.normalize.Normalizer`; raw 
 - ``images`` float [B, n_cam, 3, S, S] in [−1, 1] (uint8 [B, n_cam, S', S', 3] is resized-with-pad),
   ``image_masks`` bool [B, n_cam] (False: a missing camera, its tokens are invalid);
 - ``tokenized_prompt`` long [B, L] and ``tokenized_prompt_mask`` bool [B, L] (L = max_token_len; pi0.5's
-  discretised state, when used, is part of the prompt: tokenisation is the data pipeline's job);
+  discretised state, when used, is part of the prompt text, see :func:`pi05_prompt`; tokenisation is the
+  data pipeline's job);
 - ``state`` [B, ≤state_dim] (pi0 only); ``actions`` [B, ≥H, ≤action_dim] (training);
 - optional ``noise`` [B, H, action_dim] and ``time`` [B] to fix the flow sample (tests).
 
@@ -54,8 +55,8 @@ from ..model import VLAModel
 from ..mot import MoTOutput, PrefixCache
 from ..normalize import Normalizer
 
-__all__ = ["Pi0Config", "Pi0ConfigFields", "Pi0Model", "Prefix", "Suffix", "SuffixPlan", "prefix_segment", "suffix_segments",
-           "policy_layout"]
+__all__ = ["Pi0Config", "Pi0ConfigFields", "Pi0Model", "Prefix", "Suffix", "SuffixPlan", "prefix_segment",
+           "suffix_segments", "policy_layout", "discretize_state", "pi05_prompt"]
 
 VLM, ACT = "vlm", "act"
 
@@ -103,6 +104,26 @@ class Pi0ConfigFields:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.real_action_dim is not None and not 0 < self.real_action_dim <= self.action_dim:
             raise ValueError(f"real_action_dim must be in [1, action_dim={self.action_dim}], got {self.real_action_dim}")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def discretize_state(state: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """openpi pi0.5's state discretisation: ``np.digitize(state, linspace(−1, 1, bins + 1)[:-1]) − 1``
+    (state in model space, e.g. normalised to about [−1, 1]) → long bins in [−1, bins − 1]."""
+    edges = torch.linspace(-1.0, 1.0, bins + 1, dtype=torch.float64)[:-1]
+    return torch.bucketize(torch.as_tensor(state, dtype=torch.float64), edges, right=True) - 1
+
+
+def pi05_prompt(task: str, state: torch.Tensor | None = None, bins: int = 256) -> str:
+    r"""openpi pi0.5's prompt text (tokenise it with BOS and the PaliGemma tokenizer, up to ``max_token_len``):
+    ``"Task: <task>, State: <b1 b2 …>;\nAction: "`` with the discretised state, or the cleaned task alone
+    (pi0, and ``discrete_state_input=False`` as pi05_libero / ACoT LIBERO: openpi then appends the separately
+    tokenised ``"\n"`` as the start-of-answer token)."""
+    text = task.strip().replace("_", " ").replace("\n", " ")
+    if state is None:
+        return text
+    state_str = " ".join(str(int(b)) for b in discretize_state(state, bins).reshape(-1))
+    return f"Task: {text}, State: {state_str};\nAction: "
 
 
 # ---------------------------------------------------------------------------------------------- layout
