@@ -168,6 +168,8 @@ def test_offline_and_not_cached_says_what_to_do(offline_hub):
     msg = str(e.value)
     assert "HF_HUB_OFFLINE=0" in msg and "hf download org/absent --revision v2" in msg
     assert main(["info", "hf-hub:org/absent"]) == 2
+    with pytest.raises(FileNotFoundError, match="no local folder 'runs/ckpt' either"):
+        VLAModel.from_pretrained("runs/ckpt")
 
 
 def test_cached_repo_that_is_not_a_vla_blocks_model(tmp_path, offline_hub):

@@ -667,14 +667,20 @@ def load_model(ref, overrides: Mapping[str, Any] | list[str] | None = None, *, s
     With ``output_loading_info=True`` returns ``(model, LoadReport)``.
     A full strict load builds the model on the meta device (no random init, one copy of the weights).
     """
+    given = ref
     ref = parse_ref(ref)
     if ref.kind == "recipe":
         if recipe is not None:
             raise ConfigError(f"{ref.target!r} is a recipe: pass a saved model as the reference to use recipe=")
         model = load_recipe(ref.target, overrides).build().eval()
         return (model, LoadReport(source=ref.target)) if output_loading_info else model
-    folder = resolve_folder(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                            token=token, force_download=force_download)
+    try:
+        folder = resolve_folder(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                token=token, force_download=force_download)
+    except FileNotFoundError as e:
+        if isinstance(given, str) and ref.kind == "hf-hub" and not given.startswith("hf-hub:"):
+            raise FileNotFoundError(f"{e} (there is no local folder {given!r} either)") from e
+        raise
     cfg = load_recipe(recipe, overrides) if recipe is not None else _config_from_folder(folder, overrides)
     norm_data = _read_norm(folder)
     partial = (not strict or only or exclude or key_map or expert_map or allow_missing or recipe is not None)
