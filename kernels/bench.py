@@ -22,7 +22,7 @@ import time
 import torch
 
 
-def pi0_like(n_tokens: int) -> "Layout":  # noqa: F821
+def pi0_like(n_tokens: int):
     from vla_blocks.layout import Layout, Segment
 
     def sample(n_txt):
@@ -43,7 +43,7 @@ def pi0_like(n_tokens: int) -> "Layout":  # noqa: F821
     return Layout.from_samples([docs], ["a"])
 
 
-def causal_docs(n_tokens: int) -> "Layout":  # noqa: F821
+def causal_docs(n_tokens: int):
     from vla_blocks.layout import Layout, Segment
 
     lens = [n_tokens // 2, n_tokens // 4, n_tokens - n_tokens // 2 - n_tokens // 4]

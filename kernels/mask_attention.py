@@ -249,7 +249,6 @@ def _backward(q, k, v, kp, vp, out, lse, dout, dlse, km: KernelMeta, scale: floa
               needs=(True, True, True, True, True)):
     """Gradients for the inputs flagged in ``needs`` (q, k, v, k_prefix, v_prefix); None for the others."""
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
     has_prefix = kp is not None
     need_q = needs[0]
     need_s = needs[1] or needs[2]

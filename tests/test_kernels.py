@@ -39,7 +39,7 @@ if not _CUDA and "triton" not in sys.modules:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from vla_blocks.attention import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, MaskMeta, attention  # noqa: E402
+from vla_blocks.attention import FLAG_VALID, MaskMeta, attention  # noqa: E402
 from vla_blocks.attention.dispatch import AttentionInputs, BackendUnavailable, get_backend  # noqa: E402
 from vla_blocks.kernels import KernelConfig, get_config, mask_attention, triton_available  # noqa: E402
 from vla_blocks.kernels.mask_attention import triton_interpreted  # noqa: E402
