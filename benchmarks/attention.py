@@ -574,7 +574,8 @@ def _primary(payload: dict) -> tuple[int, int, str]:
     rows = ok or [r for r in payload["rows"] if r["kind"] == "attention"]
     if not rows:
         return None, None, None
-    S = max(r["S"] for r in rows)
+    # the largest S among those where the most backends ran (the summary compares backends)
+    S = max({r["S"] for r in rows}, key=lambda S_: (len({r["backend"] for r in rows if r["S"] == S_}), S_))
     Ds = sorted({r["D"] for r in rows if r["S"] == S})
     D = 128 if 128 in Ds else Ds[len(Ds) // 2]
     dts = [r["dtype"] for r in rows]
@@ -675,6 +676,15 @@ def render_markdown(payload: dict) -> str:
                          f"{r.get('status')}: {why}", "–", "–", "–", "–", "–", "–"])
     out.append(md_table(["layout", "S", "B", "H", "D", "dtype", "pass", "backend", "time ms", unit, "% matmul",
                          "% peak", "% dense causal", "× vs sdpa", "peak mem"], body))
+    warned = [r for r in payload["rows"] if r.get("warnings")]
+    if warned:
+        out += ["", "## Warnings raised while timing (e.g. Flex eager fallback or recompilation)", ""]
+        seen: dict[str, list[str]] = {}
+        for r in warned:
+            for w in r["warnings"]:
+                seen.setdefault(w, []).append(f"{r['backend']} {r['layout']} S={r['S']} D={r['D']} {r['dtype']} {r['pass']}")
+        out.append(md_table(["warning", "rows", "first rows"],
+                            [[w, len(rs), "; ".join(rs[:3])] for w, rs in seen.items()]))
     out += ["", f"## Mask preparation (cold caches; per layer = ÷ {N_LAYERS_AMORTISED})", ""]
     out.append(md_table(["layout", "S", "B", "step", "used by", "time ms", "per layer ms", "bytes", "note"],
                         [[r["layout"], r["S"], r["B"], r["step"], r["used_by"],

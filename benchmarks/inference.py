@@ -48,7 +48,9 @@ def resolve_settings(ctx) -> dict:
                             kv_heads=1, head_dim=256, prefix=968, actions=[10, 50], steps=10, batch=1,
                             dtype="bfloat16"),
                  recipes=[r.removesuffix("-tiny") for r in POLICY_RECIPES_TINY], train_batch=1, infer_batch=1,
-                 optimizer="adamw", dtype="bfloat16", stage_calls=3)
+                 optimizer="adamw", dtype="bfloat16", stage_calls=3,
+                 # HALO reasons for up to 1000 tokens by default: cap the text so one call stays in seconds
+                 recipe_overrides={"halo": {"inference.max_new_tokens": 32}})
     else:
         s = dict(stack=dict(layers=6, vlm_width=512, vlm_ffn=2048, act_width=256, act_ffn=1024, heads=8, kv_heads=1,
                             head_dim=64, prefix=968, actions=[10, 50], steps=10, batch=1, dtype="float32"),
@@ -275,11 +277,13 @@ def bench_recipe(ctx, name: str, s: dict) -> dict:
     try:
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        if dev.type == "cuda":
+        overrides = s.get("recipe_overrides", {}).get(name, {})
+        row["overrides"] = overrides
+        if dev.type == "cuda":  # full size: random weights created on the GPU directly
             with torch.device(dev):
-                model = create_model(name)
+                model = create_model(name, **overrides)
         else:
-            model = create_model(name)
+            model = create_model(name, **overrides)
         if dev.type != "cpu" or dtype != torch.float32:  # models are built on CPU in fp32
             model = model.to(dev, dtype)
         row["build_s"] = time.perf_counter() - t0

@@ -288,7 +288,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, settings: TimerSettings
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, settings: TimerSettings,
                      grad_to_none: list[torch.Tensor] | None = None) -> dict[str, dict]:
-    """Time several candidates call by call in turn (A B A B ...): load spikes hit all of them alike.
+    """Time several candidates call by call in turn (A B, B A, ...): load spikes hit all of them alike.
 
     On CUDA each candidate is timed with ``do_bench`` one after another instead.
     """
@@ -316,7 +316,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, se
             if (n >= settings.max_reps or (n >= settings.min_reps and elapsed >= settings.min_time_s)
                     or (n >= min(3, settings.min_reps) and elapsed >= settings.max_time_s)):
                 break
-            for k, f in fns.items():
+            items = list(fns.items())
+            for k, f in (items if n % 2 == 0 else items[::-1]):  # A B, B A, ...: no order bias
                 clear()
                 t0 = time.perf_counter()
                 f()
@@ -475,11 +476,17 @@ class BenchContext:
         if not self.quiet:
             print(msg, flush=True)
 
-    def time(self, fn, grad_to_none=None) -> dict:
-        return time_fn(fn, self.device, self.timer, grad_to_none)
+    def _timer(self, overrides: dict) -> TimerSettings:
+        """The run's timer settings, with a suite's overrides (e.g. more repetitions for a ratio) unless smoke."""
+        if self.smoke or not overrides:
+            return self.timer
+        return TimerSettings(**{**vars(self.timer), **overrides})
 
-    def time_interleaved(self, fns: dict, grad_to_none=None) -> dict:
-        return time_interleaved(fns, self.device, self.timer, grad_to_none)
+    def time(self, fn, grad_to_none=None, **timer_overrides) -> dict:
+        return time_fn(fn, self.device, self._timer(timer_overrides), grad_to_none)
+
+    def time_interleaved(self, fns: dict, grad_to_none=None, **timer_overrides) -> dict:
+        return time_interleaved(fns, self.device, self._timer(timer_overrides), grad_to_none)
 
     def memory(self, fn) -> dict:
         return peak_memory(fn, self.device)
