@@ -289,3 +289,18 @@ def test_activation_checkpointing_per_layer_gives_identical_gradients():
         grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in stack.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_backbone_from_a_local_transformers_checkpoint(tmp_path):
+    """``backbone.pretrained`` reads a local transformers folder (config and weights, no download)."""
+    src = HFCausalLMBackbone(model_type="llama", config=BACKBONES["llama"], seed=11).reference_model()
+    src.save_pretrained(tmp_path / "llama")
+    bb = HFCausalLMBackbone(model_type="llama", pretrained=str(tmp_path / "llama"))
+    lm = build_language_model(bb, {"und": ExpertSpec(), "act": ExpertSpec(hidden_size=16)}).eval()
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    layout = Layout.from_samples([[Segment.of("causal", "und", 9, "text")]], ["und", "act"])
+    with torch.no_grad():
+        got = lm.logits(lm({"und": lm.embed(ids)[0]}, layout).hidden["und"])
+        assert (got - src(ids).logits[0]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="is a 'llama' model"):
+        HFCausalLMBackbone(model_type="qwen2", pretrained=str(tmp_path / "llama")).spec()
