@@ -15,6 +15,8 @@ from vla_blocks.models.pi0 import ACT, VLM, policy_layout
 from vla_blocks.normalize import Normalizer
 from vla_blocks.reasoners import stack_prefix_kv
 
+import policy_helpers
+
 
 @pytest.fixture
 def one_thread():
@@ -26,27 +28,11 @@ def one_thread():
 
 
 def build(seed=0, perturb=True, **overrides):
-    torch.manual_seed(seed)
-    m = create_model("acot-tiny", **overrides)
-    if perturb:  # wake the zero-initialised adaRMS layers so that time conditioning matters
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
+    return policy_helpers.build("acot-tiny", seed, perturb, **overrides)
 
 
 def fixed_batch(model, B=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    batch = model.demo_batch(B, g)
-    c = model.config
-    batch["tokenized_prompt_mask"][0, 3:] = False
-    batch["image_masks"][1, 0] = False
-    batch["noise"] = torch.randn(B, c.action_horizon, c.action_dim, generator=g)
-    if c.ear is not None:
-        batch["coarse_noise"] = torch.randn(B, c.ear.horizon, c.action_dim, generator=g)
-    batch["time"] = torch.tensor([0.35, 0.9])[:B]
-    return batch
+    return policy_helpers.fixed_batch(model, B, seed, times=(0.35, 0.9))
 
 
 def linear(m, x):

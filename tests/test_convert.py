@@ -22,14 +22,8 @@ SHA = "89abcdef0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return cache
+def _offline(offline_hub):  # every test here runs against an empty offline Hub cache (conftest.offline_hub)
+    return offline_hub
 
 
 def rand(*shape, g, scale=0.2, one=False):

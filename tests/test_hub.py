@@ -17,17 +17,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """No network: HF_HUB_OFFLINE=1 and an empty temporary Hub cache (constants are read at import, so patch them)."""
-    from huggingface_hub import constants
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return cache
+def _offline(offline_hub):  # every test here runs against an empty offline Hub cache (conftest.offline_hub)
+    return offline_hub
 
 
 @pytest.fixture(scope="module")

@@ -20,26 +20,7 @@ def make_attn_mask(input_mask, ar_mask):
     return attn & valid
 
 
-def build(name, seed=0, perturb=True, **overrides):
-    torch.manual_seed(seed)
-    m = create_model(name, **overrides)
-    if perturb:  # wake the zero-initialised adaRMS layers so time conditioning matters
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
-
-
-def fixed_batch(model, B=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    batch = model.demo_batch(B, g)
-    c = model.config
-    batch["tokenized_prompt_mask"][0, 3:] = False  # text padding in row 0
-    batch["image_masks"][1, 0] = False  # row 1 also misses its first camera
-    batch["noise"] = torch.randn(B, c.action_horizon, c.action_dim, generator=g)
-    batch["time"] = torch.tensor([0.3, 0.85])[:B]
-    return batch
+from policy_helpers import build, fixed_batch  # noqa: E402
 
 
 def time_conditioning(model, x_t, t):
