@@ -194,14 +194,14 @@ def test_backbone_smoke(tmp_path):
 
 
 def test_readme_shows_the_committed_results():
-    """README's Benchmarks section is what `vla-blocks bench readme` renders from benchmarks/results."""
+    """README's Benchmarks section is what `vla-blocks bench render` renders from benchmarks/results."""
     from vla_blocks.bench import README_END, README_START, readme_section
     text = (ROOT / "README.md").read_text()
     if README_START not in text:
         pytest.skip("README has no generated Benchmarks section")
     section = text[text.index(README_START) + len(README_START):text.index(README_END)].strip()
     assert section == readme_section(ROOT / "benchmarks" / "results").strip(), \
-        "README is stale: run `vla-blocks bench readme`"
+        "README is stale: run `vla-blocks bench render`"
 
 
 def test_update_readme_rewrites_only_the_marked_section(tmp_path):
