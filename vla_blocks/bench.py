@@ -54,7 +54,6 @@ SCHEMA_VERSION = 1
 # H100 SXM5: 132 SMs × 4 tensor cores × 1024 FLOP/clk × 1.83 GHz = 989.4 (reference/attention_kernels.md §2).
 GPU_PEAK_TFLOPS = {
     "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0},
-    "H100 NVL": {"bfloat16": 835.0, "float16": 835.0},
     "H100": {"bfloat16": 989.4, "float16": 989.4},  # "NVIDIA H100 80GB HBM3" is the SXM part
     "H200": {"bfloat16": 989.4, "float16": 989.4},
     "A100": {"bfloat16": 312.0, "float16": 312.0},
@@ -75,10 +74,17 @@ def default_results_dir() -> Path:
     return root / "benchmarks" / "results"
 
 
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; results are meant to be read by others
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -94,6 +100,7 @@ def atomic_savefig(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, _default_mode())
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
