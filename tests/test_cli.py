@@ -1,6 +1,7 @@
 """The vla-blocks command line."""
 
 import pytest
+import torch
 
 from vla_blocks.cli import main
 
@@ -51,3 +52,16 @@ def test_help_for_every_subcommand(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_every_tiny_recipe_declares_its_fsdp_wrap_unit():
+    """The declared wrap unit exists in every composed model and holds all of its experts' blocks."""
+    from vla_blocks.config import list_recipes
+    from vla_blocks.model import model_config
+    for name in [r for r in list_recipes() if r.endswith("-tiny")]:
+        with torch.device("meta"):
+            model = model_config(name).build()
+        units = [m for m in model.modules() if type(m).__name__ in model._fsdp_wrap_modules]
+        assert units, name
+        experts = set(units[0].cfg.experts)
+        assert all(set(u.experts) == experts for u in units) and len(experts) >= 1

@@ -28,10 +28,18 @@ class VLAModel(nn.Module):
     Policies also implement lerobot's inference names: ``predict_action_chunk(batch)`` returns
     ``[B, H, A]``; ``select_action(batch)`` pops one action per call from a queue refilled with a
     new chunk when empty; ``reset()`` clears the queue.
+
+    Parallelism surface (lerobot's names): ``_fsdp_wrap_modules`` names the unit to wrap with
+    ``fully_shard`` and to checkpoint — the MoT layer, which owns every expert's block of a layer so
+    the shared attention never reads another unit's parameters; ``_fsdp_forward_methods`` are the
+    entry points besides ``forward`` to register with ``register_fsdp_forward_method``.
     """
 
     config: Any
     n_action_steps: int | None = None
+    _fsdp_wrap_modules: tuple[str, ...] = ("MoTLayer",)
+    _fsdp_forward_methods: tuple[str, ...] = ("select_action", "predict_action_chunk")
+    supports_gradient_checkpointing: bool = True
 
     def __init__(self, config):
         super().__init__()
