@@ -361,7 +361,8 @@ def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = 
         overrides = dict(parse_override(o) for o in overrides)
     if overrides:
         data = apply_overrides(data, overrides, file)
-    data.pop("name", None) if "name" not in {f.name for f in _model_fields(data, file)} else None
+    if "name" in data and "name" not in {f.name for f in _model_fields(data, file)}:
+        data.pop("name")  # a recipe's display name, not a field of the model config
     return decode(ModelConfig, data, "", file)
 
 
