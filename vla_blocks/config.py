@@ -361,7 +361,8 @@ def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = 
         overrides = dict(parse_override(o) for o in overrides)
     if overrides:
         data = apply_overrides(data, overrides, file)
-    if "name" in data and "name" not in {f.name for f in _model_fields(data, file)}:
+    model_fields = {f.name for f in _model_fields(data, file)}  # also checks the 'type' key
+    if "name" in data and "name" not in model_fields:
         data.pop("name")  # a recipe's display name, not a field of the model config
     return decode(ModelConfig, data, "", file)
 
