@@ -307,6 +307,13 @@ class ContextItem:
     ids: list[int] = field(default_factory=list)
 
 
+def _segment_key(seg: Segment) -> tuple:
+    """A hashable description of a segment's structure (mode, RoPE policy, parts with validity)."""
+    return (seg.mode, seg.rope, tuple((p.expert, p.length, p.label,
+                                       p.valid if isinstance(p.valid, bool) else tuple(p.valid_tensor().tolist()))
+                                      for p in seg.parts))
+
+
 class HaloContext:
     """A KV-cached prefix of segments (batch 1): the unit of BAGEL's ``gen_context`` /
     ``cfg_text_context`` / ``cfg_img_context``. Each context owns its cache; :meth:`clone` copies it.
@@ -321,6 +328,7 @@ class HaloContext:
         self.name = name
         self.items: list[ContextItem] = []
         self.cache: PrefixCache | None = None
+        self._suffix_plan: tuple | None = None  # (key, layout, suffix layout, mask meta) of the last suffix
 
     @property
     def segments(self) -> list[Segment]:
@@ -374,8 +382,20 @@ class HaloContext:
         return out
 
     def suffix(self, item: ContextItem):
-        """Run ``item`` after the cached prefix without writing to the cache (flow-matching steps)."""
-        return self._run(self.segments + [item.segment], [item], write=False)
+        """Run ``item`` after the cached prefix without writing to the cache (flow-matching steps).
+
+        The layout, routing sub-layout and mask metadata are built once per (prefix length, suffix
+        structure) and reused by every step of a flow loop."""
+        key = (self.length, _segment_key(item.segment))
+        if self._suffix_plan is None or self._suffix_plan[0] != key:
+            layout = Layout.from_samples([self.segments + [item.segment]], self.model.experts)
+            P, N = self.length, layout.seq_len
+            self._suffix_plan = (key, layout, layout.tokens(P), layout.mask_meta(slice(P, N), slice(0, N)))
+        _, layout, sub, meta = self._suffix_plan
+        hidden = sub.assemble(item.embeds)
+        P = self.length
+        out = self.model.lm.stack(hidden, layout, start=P, cache=self.cache if P else None, meta=meta)
+        return out, sub
 
     def clone(self, name: str) -> "HaloContext":
         c = HaloContext(self.model, name)
