@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import ComponentConfig, register
-from .mot import ExpertConfig, MoTConfig, MoTOutput, MoTStack, PrefixCache
+from .mot import ExpertConfig, MoTConfig, MoTOutput, MoTStack
 from .layout import Layout
 
 SUPPORTED = ("qwen2", "llama", "gemma")
@@ -248,4 +248,4 @@ def build_language_model(backbone: HFCausalLMBackbone, experts: dict[str, Expert
 
 
 __all__ = ["BackboneConfig", "BackboneSpec", "HFCausalLMBackbone", "ExpertSpec", "MoTLanguageModel", "build_mot_config",
-           "build_language_model", "hf_state_to_mot", "PrefixCache"]
+           "build_language_model", "hf_state_to_mot"]

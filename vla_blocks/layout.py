@@ -18,7 +18,7 @@ is a pure function of per-token vectors, held in :class:`vla_blocks.attention.Ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -102,7 +102,6 @@ class Layout:
     seg_mode: torch.Tensor  # [B, N] long (index into MODES, -1 for padding)
     valid: torch.Tensor  # [B, N] bool
     label_index: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> flat indices
-    next_position: torch.Tensor | None = None  # [B, max_docs] next RoPE id per document
     doc_offsets: list[list[int]] = field(default_factory=list)  # per row: start token of each document
 
     # ------------------------------------------------------------------ construction
@@ -139,8 +138,6 @@ class Layout:
         mode = torch.full((B, n), -1, dtype=torch.long)
         valid = torch.zeros((B, n), dtype=torch.bool)
         labels: dict[str, list[torch.Tensor]] = {}
-        max_docs = max(len(r) for r in rows)
-        next_pos = torch.zeros((B, max_docs), dtype=torch.long)
         offsets: list[list[int]] = []
         e_index = {e: i for i, e in enumerate(experts)}
         for b, row in enumerate(rows):
@@ -181,9 +178,8 @@ class Layout:
                         pos[b, a:t] = counter
                         if segment.rope == "block":
                             counter += 1
-                next_pos[b, d] = counter
         label_index = {k: torch.cat(v) for k, v in labels.items()}
-        return cls(experts, expert_id, pos, doc, seg, mode, valid, label_index, next_pos, offsets)
+        return cls(experts, expert_id, pos, doc, seg, mode, valid, label_index, offsets)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -198,7 +194,7 @@ class Layout:
         mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Layout(self.experts, mv(self.expert_id), mv(self.position_ids), mv(self.doc_id), mv(self.seg_id),
                       mv(self.seg_mode), mv(self.valid), {k: mv(v) for k, v in self.label_index.items()},
-                      mv(self.next_position), self.doc_offsets)
+                      self.doc_offsets)
 
     def tokens(self, start: int, end: int | None = None) -> "Layout":
         """The sub-layout of tokens ``[start, end)`` of every row (a suffix pass routes with this).
@@ -218,7 +214,7 @@ class Layout:
                 labels[k] = b[keep] * m + (i[keep] - start)
         sl = (slice(None), slice(start, end))
         return Layout(self.experts, self.expert_id[sl], self.position_ids[sl], self.doc_id[sl], self.seg_id[sl],
-                      self.seg_mode[sl], self.valid[sl], labels, self.next_position, self.doc_offsets)
+                      self.seg_mode[sl], self.valid[sl], labels, self.doc_offsets)
 
     # ------------------------------------------------------------------ routing
     def expert_index(self, expert: str | int) -> torch.Tensor:
@@ -235,9 +231,6 @@ class Layout:
             if idx.numel():
                 out[e] = idx
         return out
-
-    def labels(self) -> list[str]:
-        return list(self.label_index)
 
     def index(self, label: str) -> torch.Tensor:
         try:
@@ -320,10 +313,3 @@ class Layout:
     def dense_mask(self) -> torch.Tensor:
         """The oracle boolean mask ``[B, N, N]`` (True = may attend)."""
         return self.mask_meta().dense()
-
-
-def concat_samples(*parts: Iterable[Segment]) -> Sample:
-    out: Sample = []
-    for p in parts:
-        out.extend(p)
-    return out

@@ -13,7 +13,6 @@ k-norm and RoPE) and read by later suffix passes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -388,10 +387,5 @@ def copy_sliced(src: nn.Module, dst: nn.Module):
         p[sl].copy_(s[sl])
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 __all__ = ["ExpertConfig", "MoTConfig", "RMSNorm", "AdaRMSNorm", "GatedFFN", "rope_cos_sin", "apply_rope", "Routing",
-           "PrefixCache", "MoTOutput", "ExpertBlock", "MoTLayer", "MoTStack", "copy_sliced", "count_parameters"]
-_ = math
+           "PrefixCache", "MoTOutput", "ExpertBlock", "MoTLayer", "MoTStack", "copy_sliced"]
