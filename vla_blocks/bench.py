@@ -686,13 +686,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _register():
-    from .cli import SUBCOMMANDS
-    SUBCOMMANDS["bench"] = ("run a benchmark suite (attention, inference, backbone) and write results",
-                            add_arguments, cmd_bench)
-
-
-_register()
 
 __all__ = ["SUITES", "TimerSettings", "BenchContext", "time_fn", "time_interleaved", "peak_memory", "matmul_reference",
            "device_info", "versions", "run_suite", "md_table", "fmt_num", "fmt_ms", "fmt_bytes", "readme_section",

@@ -3,7 +3,8 @@
 Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
 parameter counts per expert and in total, computed on the meta device: no weights allocated),
 ``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
-other modules add through :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``).
+listed in :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``), implemented beside what they drive and
+imported only when used.
 Errors print one line saying what is wrong and exit with status 2.
 """
 
@@ -19,8 +20,23 @@ import torch
 
 from .config import ConfigError, list_recipes, parse_override
 
-# name -> (help, add_arguments(parser), run(args) -> int); filled by modules that add subcommands
-SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+# Subcommands implemented in other modules: name -> (help, "module:add_arguments", "module:run").
+# The module is imported only when its subcommand is parsed (heavy and optional imports stay lazy);
+# ``add_arguments(parser)`` declares the options, ``run(args) -> int`` is the exit status.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "convert": ("convert an upstream checkpoint (HALO/BAGEL, lerobot pi0/pi0.5) to a saved model",
+                "vla_blocks.convert:add_cli_arguments", "vla_blocks.convert:run_cli"),
+    "push": ("upload a saved model folder to the Hugging Face Hub",
+             "vla_blocks.hub:add_push_arguments", "vla_blocks.hub:run_push"),
+    "bench": ("run a benchmark suite (attention, inference, backbone) and write results",
+              "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
+}
+
+
+def _resolve(target: str) -> Callable:
+    import importlib
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 def _fmt(n: int) -> str:
@@ -129,27 +145,37 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
-    _load_subcommands()
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        add(s)
-        s.set_defaults(fn=run)
+        s.set_defaults(fn=_LazyRun(run), _add=add)
     return p
 
 
-def _load_subcommands():
-    import importlib
-    for mod in ("vla_blocks.hub", "vla_blocks.convert", "vla_blocks.bench"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+class _LazyRun:
+    """Imports a subcommand's module when the subcommand runs."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __call__(self, args) -> int:
+        return _resolve(self.target)(args)
+
+
+def _parse(parser: argparse.ArgumentParser, argv):
+    """Parse in two steps: the subcommand name first, then its own options (imported on demand)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = [a for a in argv if a not in ("-h", "--help")]
+    args = parser.parse_known_args(head)[0] if head else None
+    add = getattr(args, "_add", None)
+    if add is not None:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        _resolve(add)(sub.choices[args.command])
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return args.fn(args)
     except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:

@@ -694,7 +694,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _add_args(p):
+def add_cli_arguments(p):
     p.add_argument("kind", choices=sorted(CONVERTERS), help="upstream format: halo (HALO/BAGEL ema.safetensors), "
                    "pi0 / pi05 (lerobot PyTorch checkpoints)")
     p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]")
@@ -712,7 +712,7 @@ def _add_args(p):
     p.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
 
 
-def _run(args) -> int:
+def run_cli(args) -> int:
     import sys
     try:
         folder, report = convert(args.kind, args.src, args.out, recipe=args.recipe, overrides=args.overrides,
@@ -727,13 +727,6 @@ def _run(args) -> int:
     return 0
 
 
-def _register_cli():
-    from .cli import SUBCOMMANDS
-    SUBCOMMANDS["convert"] = ("convert an upstream checkpoint (HALO/BAGEL, lerobot pi0/pi0.5) to a saved model",
-                              _add_args, _run)
-
-
-_register_cli()
 
 __all__ = ["convert", "check_mapping", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
            "source_files", "halo_key_map", "lerobot_pi0_key_map", "convert_vae_state", "read_norm_stats"]

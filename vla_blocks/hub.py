@@ -886,7 +886,7 @@ def push_to_hub(model_or_folder: nn.Module | str | os.PathLike, repo_id: str, *,
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _add_push_args(p):
+def add_push_arguments(p):
     p.add_argument("folder", help="a folder written by save_pretrained (or `vla-blocks convert`)")
     p.add_argument("repo_id", help="the Hub repo, org/name (created if missing)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
@@ -895,7 +895,7 @@ def _add_push_args(p):
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
 
 
-def _run_push(args) -> int:
+def run_push(args) -> int:
     import sys
     try:
         files = check_folder(args.folder)
@@ -910,12 +910,6 @@ def _run_push(args) -> int:
     return 0
 
 
-def _register_cli():
-    from .cli import SUBCOMMANDS
-    SUBCOMMANDS["push"] = ("upload a saved model folder to the Hugging Face Hub", _add_push_args, _run_push)
-
-
-_register_cli()
 
 __all__ = ["save_pretrained", "from_pretrained", "load_model", "load_config", "load_weights", "push_to_hub",
            "resolve_folder", "check_folder", "parse_ref", "portable_config", "model_card", "Checkpoint",
