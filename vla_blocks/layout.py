@@ -238,11 +238,14 @@ class Layout:
         except KeyError:
             raise KeyError(f"label {label!r} is not in this layout; labels: {sorted(self.label_index)}") from None
 
-    def assemble(self, embeds: dict[str, torch.Tensor], widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def assemble(self, embeds: dict[str, torch.Tensor], widths: dict[str, int] | None = None,
+                 partial: bool = False) -> dict[str, torch.Tensor]:
         """Route per-label embeddings ``{label: [n_label, D_e]}`` into per-expert hidden tensors.
 
         Returns ``{expert: [n_e, D_e]}`` ordered like :meth:`expert_indices`. Every token of an
-        active expert must be covered by exactly one label given here.
+        active expert must be covered by exactly one label given here; with ``partial=True`` only the
+        experts the labels touch are returned (and must be covered): per-expert side inputs such as the
+        adaRMS condition of one expert.
         """
         flat_e = self.expert_id.reshape(-1)
         idx_e = self.expert_indices()
@@ -266,6 +269,8 @@ class Layout:
             parts[e].append((slot[idx], x))
             covered[e] += idx.numel()
         for e, idx in idx_e.items():
+            if partial and not parts[e]:
+                continue
             if covered[e] != idx.numel():
                 raise ValueError(f"expert {e!r} has {idx.numel()} tokens but the embeddings cover {covered[e]}")
             first = parts[e][0][1]

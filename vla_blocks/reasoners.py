@@ -31,6 +31,7 @@ from torch import nn
 
 from .backbones import ExpertSpec
 from .config import ComponentConfig, register
+from .flow import FlowMatching
 
 __all__ = ["EARConfig", "coarse_reference", "reference_chunk_length", "IARConfig", "DownsampleIAR",
            "LearnableQueryIAR", "AttentionPoolingIAR", "DownsampleExtractor", "LearnableQueryExtractor",
@@ -47,6 +48,8 @@ class EARConfig:
       (LIBERO: 15 steps, stride 2 → frames 0, 2, …, 28 of a 30-frame chunk).
     - ``num_steps``: Euler steps of the coarse sampler (None: the model's flow setting, 10).
     - ``loss_weight``: weight of the EAR flow loss (upstream: 1, equal to the action loss).
+    - ``flow``: the coarse head's flow recipe (loss kind, reduction, grid; None: the model's ``flow``).
+      The flow time is drawn once per sample and shared with the action head, as upstream.
     """
 
     expert: ExpertSpec = field(default_factory=lambda: ExpertSpec(init_from=None))
@@ -54,6 +57,7 @@ class EARConfig:
     stride: int = 2
     num_steps: int | None = None
     loss_weight: float = 1.0
+    flow: FlowMatching | None = None
 
     def __post_init__(self):
         if self.horizon < 1 or self.stride < 1:
