@@ -152,7 +152,7 @@ class VisualLatentHead(nn.Module):
     - :meth:`patchify` / :meth:`unpatchify`: p×p patches in BAGEL's channel-last order → [B, h·w, p²C].
     - ``vae2llm`` (p²C→D), ``llm2vae`` (D→p²C, zero-init), ``time_embedder`` (:class:`TimestepEmbedder`,
       optional) and ``latent_pos_embed`` (:class:`PositionEmbedding2D`, ids ``h·max_latent_size + w``).
-    - :meth:`embed`: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed(ids)``; :meth:`decode`: ``llm2vae``.
+    - :meth:`embed`: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed(ids)`` (in that order); :meth:`decode`: ``llm2vae``.
 
     Example::
 
@@ -211,13 +211,12 @@ class VisualLatentHead(nn.Module):
         if x_t.shape[-1] != self.patch_dim:
             raise ValueError(f"x_t last dim must be {self.patch_dim}, got {tuple(x_t.shape)}")
         h = self.vae2llm(x_t.to(self.vae2llm.weight.dtype))
-        h = h + self.latent_pos_embed(position_ids).to(h.dtype)
-        if t is not None:
+        if t is not None:  # BAGEL's order: vae2llm(x) + time embedding + position embedding
             if self.time_embedder is None:
                 raise ValueError("this VisualLatentHead has no time_embedder")
-            temb = self.time_embedder(t).to(h.dtype)
+            temb = self.time_embedder(torch.as_tensor(t, device=h.device)).to(h.dtype)
             h = h + temb.unsqueeze(-2) if temb.ndim == h.ndim - 1 else h + temb
-        return h
+        return h + self.latent_pos_embed(position_ids).to(h.dtype)
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Expert outputs [..., N, D] → velocities [..., N, p²C]."""

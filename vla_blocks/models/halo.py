@@ -36,6 +36,7 @@ clean latent (and ViT image), then the action chunk — or the reactive mode, an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,15 +44,14 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbones import BackboneConfig, ExpertSpec, build_language_model
 from ..components import ModelConfig
-from ..conditioning import TimestepEmbedder, sincos_1d_table
 from ..config import register
 from ..encoders import Connector, VAEConfig, VisionConfig, navit_size
-from ..flow import LogitNormalTimeSampler, TimeSamplerConfig, cfg_in_interval, cfg_velocity, euler_sample, time_grid
-from ..heads import PositionEmbedding2D, VisualLatentHead
+from ..flow import (FlowMatching, LogitNormalTimeSampler, TimeSamplerConfig, cfg_in_interval, cfg_velocity, euler_sample,
+                    flow_loss, time_grid)
+from ..heads import FlowHead, PositionEmbedding2D, VisualLatentHead
 from ..layout import Layout, Part, Segment
 from ..model import VLAModel
 from ..mot import PrefixCache
@@ -60,6 +60,11 @@ from ..tokenization import HaloTokenizer, TokenizerConfig
 __all__ = ["HaloConfig", "HaloLossWeights", "HaloCondDropout", "HaloInferenceConfig", "HaloSample", "PlanItem", "HaloModel",
            "HaloContext", "ContextItem", "HaloTrace", "pack_rows", "format_prompt", "format_thought",
            "synthetic_sample", "PROMPT_TEMPLATE", "ROLES"]
+
+#: HALO's names of the action head's modules (BAGEL-style checkpoints keep them).
+HALO_ACTION_HEAD_NAMES = {"proj.in_proj": "input_linear_layer", "proj.out_proj": "output_linear_layer",
+                          "proj.time_embedder": "action_time_embedder", "time.time_mlp_in": "action_time_mlp_in",
+                          "time.time_mlp_out": "action_time_mlp_out"}
 
 PROMPT_TEMPLATE = "You are an embodied agent. Your task is to: {instruction}. Plan and act."
 ROLES = ("text", "vit", "latent", "action")
@@ -147,6 +152,10 @@ class HaloConfig(ModelConfig):
     ``max_num_patches``); VAE inputs keep their aspect ratio with the longer side ≤ ``vae_max_side``
     and the shorter ≥ ``vae_min_side``, rounded to multiples of 16 (VAE ×8 · patch 2).
     ``latent_time`` / ``action_time``: training time samplers (logit-normal; HALO uses no shift).
+    ``action_time_conditioning``: how the action expert sees the flow time — ``additive`` (HALO:
+    ``action_time_embedder(t)`` added to every action token) or ``adarms`` (pi0.5's adaRMS: the act expert's
+    norms are conditioned on ``swish(action_time_mlp_out(swish(action_time_mlp_in(posemb(t)))))``).
+    ``action_loss``: ``l1`` (HALO) or ``mse``; mean over channels, then over action tokens.
     ``stage`` picks ``loss_weights[stage]``.
     """
 
@@ -170,6 +179,8 @@ class HaloConfig(ModelConfig):
     vae_min_side: int = 512
     latent_time: TimeSamplerConfig = field(default_factory=LogitNormalTimeSampler)
     action_time: TimeSamplerConfig = field(default_factory=LogitNormalTimeSampler)
+    action_time_conditioning: Literal["additive", "adarms"] = "additive"
+    action_loss: Literal["l1", "mse"] = "l1"
     stage: str = "pretrain"
     loss_weights: dict[str, HaloLossWeights] = field(default_factory=_default_stage_weights)
     cond_dropout: HaloCondDropout = field(default_factory=HaloCondDropout)
@@ -305,6 +316,7 @@ class ContextItem:
     segment: Segment
     embeds: dict[str, torch.Tensor]
     ids: list[int] = field(default_factory=list)
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # per-label adaRMS condition (action tokens)
 
 
 def _segment_key(seg: Segment) -> tuple:
@@ -394,7 +406,8 @@ class HaloContext:
         _, layout, sub, meta = self._suffix_plan
         hidden = sub.assemble(item.embeds)
         P = self.length
-        out = self.model.lm.stack(hidden, layout, start=P, cache=self.cache if P else None, meta=meta)
+        cond = sub.assemble(item.cond, partial=True) if item.cond else None
+        out = self.model.lm.stack(hidden, layout, start=P, cache=self.cache if P else None, meta=meta, cond=cond)
         return out, sub
 
     def clone(self, name: str) -> "HaloContext":
@@ -451,7 +464,8 @@ class HaloModel(VLAModel):
         self.experts = list(cfg.experts)
         self.stage = cfg.stage
         self.tokenizer: HaloTokenizer = cfg.tokenizer.build()
-        self.lm = build_language_model(cfg.backbone, cfg.experts, cfg.attention_backend, cfg.gradient_checkpointing)
+        self.lm = build_language_model(cfg.backbone, self.expert_specs(), cfg.attention_backend,
+                                       cfg.gradient_checkpointing)
         if self.tokenizer.max_id >= self.lm.embed_tokens.num_embeddings:
             raise ValueError(f"the tokenizer ({self.tokenizer}) has ids up to {self.tokenizer.max_id}, beyond the "
                              f"backbone's vocab_size {self.lm.embed_tokens.num_embeddings}")
@@ -463,16 +477,15 @@ class HaloModel(VLAModel):
         self.vit_pos_embed = PositionEmbedding2D(cfg.vit_max_side, d_vit)
         # generation: FLUX VAE (frozen by default) and the latent head, its modules under BAGEL's names
         self.vae = cfg.vae.build()
-        head = VisualLatentHead(d_lat, self.vae.latent_channels, cfg.latent_patch_size, cfg.max_latent_size)
-        self.vae2llm, self.llm2vae = head.vae2llm, head.llm2vae
-        self.time_embedder, self.latent_pos_embed = head.time_embedder, head.latent_pos_embed
-        self.__dict__["latent_head"] = head  # patchify helpers; its parameters are registered above
-        # action: HALO's input/output linear layers (output zero-initialised) and its own time embedder
-        self.input_linear_layer = nn.Linear(cfg.action_dim, d_act)
-        self.output_linear_layer = nn.Linear(d_act, cfg.action_dim)
-        nn.init.zeros_(self.output_linear_layer.weight)
-        nn.init.zeros_(self.output_linear_layer.bias)
-        self.action_time_embedder = TimestepEmbedder(d_act)
+        self.expose(VisualLatentHead(d_lat, self.vae.latent_channels, cfg.latent_patch_size, cfg.max_latent_size),
+                    {n: n for n in ("vae2llm", "llm2vae", "time_embedder", "latent_pos_embed")}, as_attr="latent_head")
+        # action: a FlowHead (HALO's input/output linear layers, output zero-initialised, its own time
+        # embedder and the 1-D sincos table; or pi0.5's adaRMS time MLP)
+        act_head = FlowHead(cfg.action_dim, d_act, time=cfg.action_time_conditioning, pos_embed="sincos",
+                            zero_init_out=True, flow=FlowMatching(cfg.action_time, cfg.action_loss, "token_mean",
+                                                                  num_steps=None, points=cfg.inference.action_points))
+        act_head.label, act_head.expert = "action", self.roles["action"]
+        self.flow_heads["action"] = self.expose(act_head, HALO_ACTION_HEAD_NAMES)
         if cfg.freeze_vae:
             self.vae.requires_grad_(False)
         if cfg.freeze_vit:
@@ -480,6 +493,15 @@ class HaloModel(VLAModel):
         self.latent_stride = self.vae.downsample * cfg.latent_patch_size
 
     # ------------------------------------------------------------------ basics
+    def expert_specs(self) -> dict[str, ExpertSpec]:
+        """The recipe's experts; with adaRMS time conditioning the action expert's norms take the condition."""
+        specs = dict(self.config.experts)
+        if self.config.action_time_conditioning == "adarms":
+            act = self.roles["action"]
+            width = specs[act].hidden_size or self.config.backbone.spec().expert.hidden_size
+            specs[act] = dataclasses.replace(specs[act], adarms_cond_dim=width)
+        return specs
+
     @property
     def device(self) -> torch.device:
         return self.lm.embed_tokens.weight.device
@@ -572,18 +594,17 @@ class HaloModel(VLAModel):
 
     def embed_latent(self, x: torch.Tensor, t: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
         """Latent patch tokens [n, p²C] at times t [n] → ``vae2llm(x) + time_embedder(t) + latent_pos_embed``."""
-        h = self.vae2llm(x.to(self.vae2llm.weight.dtype))
-        h = h + self.time_embedder(t.to(h.device)).to(h.dtype)
-        return h + self.latent_pos_embed(pos_ids).to(h.dtype)
+        return self.latent_head.embed(x, t, pos_ids)
 
-    def embed_action(self, a_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Noisy chunks [n, L, A] at times t [n] → tokens [n·L, D]:
-        ``input_linear_layer(a_t) + action_time_embedder(t) + sincos_1d(arange(L))``."""
+    def embed_action(self, a_t: torch.Tensor, t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Noisy chunks [n, L, A] at times t [n] → ``({"action": tokens [n·L, D]}, {"action": cond [n·L, D]}
+        or {})``: ``input_linear_layer(a_t) + action_time_embedder(t) + sincos_1d(arange(L))`` (HALO), or the
+        projected tokens + table with the adaRMS condition of every action token."""
         n, L, _ = a_t.shape
-        h = self.input_linear_layer(a_t.to(self.input_linear_layer.weight.dtype))
-        h = h + self.action_time_embedder(t.to(h.device)).to(h.dtype)[:, None, :]
-        h = h + sincos_1d_table(L, h.shape[-1], device=h.device).to(h.dtype)
-        return h.reshape(n * L, -1)
+        h, cond = self.flow_heads["action"].embed(a_t, t.to(self.device))
+        if cond is None:
+            return {"action": h.reshape(n * L, -1)}, {}
+        return {"action": h.reshape(n * L, -1)}, {"action": cond[:, None, :].expand(n, L, -1).reshape(n * L, -1)}
 
     # ------------------------------------------------------------------ sequence plans
     def _chunk(self, actions: torch.Tensor | None) -> torch.Tensor | None:
@@ -711,19 +732,16 @@ class HaloModel(VLAModel):
             pos = torch.cat([self.latent_position_ids(latents[i][1]) for i in refs])
             t = cfg.latent_time.sample((len(refs),), generator=g).to(dev)
             t_tok = torch.repeat_interleave(t, counts.to(dev))
-            eps = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
-            x_t = t_tok[:, None] * eps + (1 - t_tok[:, None]) * x0
+            x_t, mse_pair = FlowHead.training_pair(x0, t_tok, generator=g)
             embeds["latent_noisy"] = self.embed_latent(x_t, t_tok, pos)
-            mse_pair = eps - x0
-        l1_target = None
+        l1_target, cond = None, {}
         if batch["actions"] is not None:
             a0 = batch["actions"].to(dev)
-            t = cfg.action_time.sample((a0.shape[0],), generator=g).to(dev)
-            eps = torch.randn(a0.shape, generator=g).to(dev, a0.dtype)
-            a_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a0
-            embeds["action"] = self.embed_action(a_t, t)
-            l1_target = eps - a0
-        out = self.lm(layout.assemble(embeds), layout)
+            t = self.flow_heads["action"].flow.time_sampler.sample((a0.shape[0],), generator=g).to(dev)
+            a_t, l1_target = FlowHead.training_pair(a0, t, generator=g)
+            act_embeds, cond = self.embed_action(a_t, t)
+            embeds.update(act_embeds)
+        out = self.lm(layout.assemble(embeds), layout, cond=layout.assemble(cond, partial=True) if cond else None)
         zero = sum(h.sum() for h in out.hidden.values()) * 0.0
         metrics = {}
         # CE: global mean over the target tokens
@@ -736,13 +754,13 @@ class HaloModel(VLAModel):
             ce = zero
         # MSE on the noisy latents, L1 on the actions: mean over channels, then over tokens
         if mse_pair is not None:
-            v = self.llm2vae(layout.extract(out.hidden, "latent_noisy"))
-            mse = (v.float() - mse_pair.float()).square().mean(-1).mean()
+            v = self.latent_head.decode(layout.extract(out.hidden, "latent_noisy"))
+            mse = flow_loss(v, mse_pair, "mse", reduction="token_mean")
         else:
             mse = zero
         if l1_target is not None:
-            v = self.output_linear_layer(layout.extract(out.hidden, "action")).view(l1_target.shape)
-            l1 = (v.float() - l1_target.float()).abs().mean(-1).mean()
+            head = self.flow_heads["action"]
+            l1 = head.loss(head.decode(layout.extract(out.hidden, "action").view(*l1_target.shape[:2], -1)), l1_target)
         else:
             l1 = zero
         w = cfg.loss_weights[batch.get("stage", self.stage)]
@@ -780,10 +798,12 @@ class HaloModel(VLAModel):
                                  self.tokenizer.vision_start_id, self.tokenizer.vision_end_id)
 
     def action_item(self, a_t: torch.Tensor, t: float) -> ContextItem:
-        x = self.embed_action(a_t[None].to(self.device), torch.full((1,), float(t), device=self.device))
+        embeds, cond = self.embed_action(a_t[None].to(self.device), torch.full((1,), float(t), device=self.device))
         seg = item_segment(PlanItem("action", "action", chunk=a_t.shape[0]), self.roles)
-        return self._marker_item("action", "action", seg, "action", x, self.tokenizer.action_start_id,
+        item = self._marker_item("action", "action", seg, "action", embeds["action"], self.tokenizer.action_start_id,
                                  self.tokenizer.action_end_id)
+        item.cond = cond
+        return item
 
     @torch.no_grad()
     def generate_text(self, ctx: HaloContext, max_new_tokens: int, source: str = "thought") -> list[int]:
@@ -807,7 +827,7 @@ class HaloModel(VLAModel):
     def _velocity(self, ctx: HaloContext, item: ContextItem, label: str) -> torch.Tensor:
         out, sub = ctx.suffix(item)
         h = sub.extract(out.hidden, label)
-        return self.llm2vae(h) if label == "latent_noisy" else self.output_linear_layer(h)
+        return self.latent_head.decode(h) if label == "latent_noisy" else self.flow_heads["action"].decode(h[None])[0]
 
     def _guided(self, make_item, label: str, contexts: dict[str, HaloContext | None], text_scale: float,
                 image_scale: float, interval, renorm: str, renorm_min: float):
@@ -844,7 +864,7 @@ class HaloModel(VLAModel):
         x = noise if noise is not None else torch.randn(L, A, generator=generator)
         fn = self._guided(lambda x, t: self.action_item(x, t), "action", contexts, inf.action_cfg_text_scale,
                           inf.action_cfg_img_scale, interval, inf.action_cfg_renorm, inf.cfg_renorm_min)
-        return euler_sample(fn, x.to(self.device), time_grid(points=inf.action_points))
+        return self.flow_heads["action"].sample(fn, x.to(self.device))
 
     @torch.no_grad()
     def decode_latent(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
