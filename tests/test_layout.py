@@ -158,3 +158,27 @@ def test_bad_segments_are_rejected():
         Layout.from_samples([[Segment.of("full", "und", 2, "x", valid=[1, 0, 1])]], EXPERTS)
     with pytest.raises(ValueError, match="pad_to"):
         Layout.from_samples([[Segment.of("full", "und", 4, "x")]], EXPERTS, pad_to=2)
+
+
+def test_grow_equals_rebuilding_with_a_longer_last_segment():
+    """Decoding grows the context's layout token by token; it must equal the layout rebuilt from segments."""
+    from vla_blocks.layout import Layout, Part, Segment
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        segs = []
+        for i in range(int(torch.randint(1, 5, (1,), generator=g))):
+            mode = ["causal", "full", "noise"][int(torch.randint(0, 3, (1,), generator=g))]
+            rope = "block" if mode == "full" and trial % 2 else "sequential"
+            segs.append(Segment(mode, [Part("und", 1, "text"), Part("gen", int(torch.randint(1, 4, (1,), generator=g)),
+                                                                      "img")], rope=rope))
+        n0, k = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
+        grown = Layout.from_samples([segs + [Segment.of("causal", "und", n0, "text")]], ["und", "gen"]).grow(k, "text")
+        ref = Layout.from_samples([segs + [Segment.of("causal", "und", n0 + k, "text")]], ["und", "gen"])
+        for f in ("expert_id", "position_ids", "doc_id", "seg_id", "seg_mode", "valid"):
+            assert torch.equal(getattr(grown, f), getattr(ref, f)), f
+        assert grown.label_index.keys() == ref.label_index.keys()
+        for lab in ref.label_index:
+            assert torch.equal(grown.label_index[lab], ref.label_index[lab]), lab
+        assert torch.equal(grown.mask_meta().dense(), ref.mask_meta().dense())
+    with pytest.raises(ValueError, match="causal"):
+        Layout.from_samples([[Segment.of("full", "und", 2, "img")]], ["und"]).grow(1, "text")

@@ -304,3 +304,26 @@ def test_backbone_from_a_local_transformers_checkpoint(tmp_path):
         assert (got - src(ids).logits[0]).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="is a 'llama' model"):
         HFCausalLMBackbone(model_type="qwen2", pretrained=str(tmp_path / "llama")).spec()
+
+
+def test_prefix_cache_append_buffers_without_grad_and_concatenates_with_grad():
+    from vla_blocks.mot import PrefixCache
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    steps = [(torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)) for n in (1, 3, 1, 70)]
+    with torch.no_grad():
+        c = PrefixCache([k0.clone()], [v0.clone()])
+        ks, vs = [k0], [v0]
+        for k, v in steps:
+            c.append([k], [v])
+            ks.append(k)
+            vs.append(v)
+            assert torch.equal(c.keys[0], torch.cat(ks, 2)) and torch.equal(c.values[0], torch.cat(vs, 2))
+        clone = c.clone()
+        c.append([steps[0][0]], [steps[0][1]])
+        assert clone.length == c.length - 1 and torch.equal(clone.keys[0], torch.cat(ks, 2))
+    kg = k0.clone().requires_grad_()
+    c = PrefixCache([kg], [v0])
+    c.append([steps[0][0]], [steps[0][1]])
+    c.keys[0].sum().backward()
+    assert torch.equal(kg.grad, torch.ones_like(kg))

@@ -147,7 +147,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        s.set_defaults(fn=_LazyRun(run), _add=add)
+        s.set_defaults(fn=_LazyRun(run))
     return p
 
 
@@ -162,14 +162,12 @@ class _LazyRun:
 
 
 def _parse(parser: argparse.ArgumentParser, argv):
-    """Parse in two steps: the subcommand name first, then its own options (imported on demand)."""
+    """Parse after adding the options of the subcommand named in ``argv`` (its module imported on demand)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    head = [a for a in argv if a not in ("-h", "--help")]
-    args = parser.parse_known_args(head)[0] if head else None
-    add = getattr(args, "_add", None)
-    if add is not None:
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name in SUBCOMMANDS:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        _resolve(add)(sub.choices[args.command])
+        _resolve(SUBCOMMANDS[name][1])(sub.choices[name])
     return parser.parse_args(argv)
 
 

@@ -254,19 +254,44 @@ class PrefixCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     layout: Layout | None = None
+    _buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
     def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], layout: Layout | None = None) -> "PrefixCache":
+        """Extend every layer's K/V by the new tokens' (``[B, Hkv, n, d]``).
+
+        Without autograd (decoding) the new K/V are written into preallocated buffers whose capacity doubles
+        when full, so a decoding step copies only its own tokens; ``keys[i]`` / ``values[i]`` are views of
+        the filled part. With gradients the cache is concatenated (no in-place writes into the graph)."""
         if len(keys) != len(self.keys):
             raise ValueError(f"append got {len(keys)} layers for a cache of {len(self.keys)}")
-        self.keys = [torch.cat([a, b], dim=2) for a, b in zip(self.keys, keys)]
-        self.values = [torch.cat([a, b], dim=2) for a, b in zip(self.values, values)]
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*self.keys, *self.values, *keys, *values))
+        if grads:
+            self._buffers = None
+            self.keys = [torch.cat([a, b], dim=2) for a, b in zip(self.keys, keys)]
+            self.values = [torch.cat([a, b], dim=2) for a, b in zip(self.values, values)]
+        else:
+            P, n = self.length, keys[0].shape[2]
+            if self._buffers is None or self._buffers[0][0].shape[2] < P + n:
+                cap = max(2 * (P + n), 64)
+                self._buffers = [(self._grown(a, cap), self._grown(b, cap)) for a, b in zip(self.keys, self.values)]
+            for (kb, vb), k, v in zip(self._buffers, keys, values):
+                kb[:, :, P:P + n].copy_(k)
+                vb[:, :, P:P + n].copy_(v)
+            self.keys = [kb[:, :, :P + n] for kb, _ in self._buffers]
+            self.values = [vb[:, :, :P + n] for _, vb in self._buffers]
         if layout is not None:
             self.layout = layout
         return self
+
+    @staticmethod
+    def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
+        buf = t.new_empty(t.shape[:2] + (capacity,) + t.shape[3:])
+        buf[:, :, :t.shape[2]].copy_(t)
+        return buf
 
     def clone(self) -> "PrefixCache":
         return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.layout)

@@ -340,7 +340,8 @@ class HaloContext:
         self.name = name
         self.items: list[ContextItem] = []
         self.cache: PrefixCache | None = None
-        self._suffix_plan: tuple | None = None  # (key, layout, suffix layout, mask meta) of the last suffix
+        self._layout: Layout | None = None  # the layout of the cached tokens (grown in place while decoding)
+        self._suffix_plan: tuple | None = None  # (key, PassPlan) of the last suffix structure
 
     @property
     def segments(self) -> list[Segment]:
@@ -356,38 +357,42 @@ class HaloContext:
     def layout(self, extra: Sequence[Segment] = ()) -> Layout:
         return Layout.from_samples([self.segments + list(extra)], self.model.experts)
 
-    def _run(self, segments: list[Segment], items: Sequence[ContextItem], write: bool):
-        layout = Layout.from_samples([segments], self.model.experts)
+    def _run(self, layout: Layout, items: Sequence[ContextItem]):
+        """Run ``items`` (the tokens of ``layout`` after the cached ones) and append their K/V to the cache."""
         P = self.length
-        sub = layout.tokens(P)
+        plan = self.model.lm.stack.plan(layout, start=P)
         embeds: dict[str, list[torch.Tensor]] = {}
         for it in items:
             for k, v in it.embeds.items():
                 embeds.setdefault(k, []).append(v)
-        hidden = sub.assemble({k: torch.cat(v) for k, v in embeds.items()})
-        out = self.model.lm.stack(hidden, layout, start=P, cache=self.cache if P else None, return_kv=write)
-        if write:
-            if self.cache is None:
-                self.cache = out.cache(layout)
-            else:
-                self.cache.append(out.keys, out.values, layout)
-        return out, sub
+        hidden = plan.sub.assemble({k: torch.cat(v) for k, v in embeds.items()})
+        out = self.model.lm.stack(hidden, plan=plan, cache=self.cache if P else None, return_kv=True)
+        if self.cache is None:
+            self.cache = out.cache(layout)
+        else:
+            self.cache.append(out.keys, out.values, layout)
+        self._layout = layout
+        return out, plan.sub
 
     def extend(self, items: Sequence[ContextItem]):
         """Append ``items`` (their K/V go into the cache). Returns (MoTOutput of the new tokens, their layout)."""
-        out = self._run(self.segments + [it.segment for it in items], items, write=True)
+        layout = Layout.from_samples([self.segments + [it.segment for it in items]], self.model.experts)
+        out = self._run(layout, items)
         self.items.extend(items)
         return out
 
     def grow_text(self, token_id: int):
-        """Append one token to the last segment (causal text), as the decoding step of greedy generation."""
+        """Append one token to the last segment (causal text), as the decoding step of greedy generation.
+
+        The context's layout grows by one token (:meth:`Layout.grow`) and the K/V go into the cache's
+        preallocated buffers: a step's bookkeeping and copies do not grow with the context."""
         last = self.items[-1]
         if last.kind != "text":
             raise ValueError("grow_text needs a text segment at the end of the context")
         m = self.model
         seg = Segment.of("causal", m.roles["text"], last.segment.length + 1, "text")
         new_tok = ContextItem("text", last.source, seg, {"text": m.embed_text([token_id])}, [token_id])
-        out = self._run(self.segments[:-1] + [seg], [new_tok], write=True)
+        out = self._run(self._layout.grow(1, "text"), [new_tok])
         self.items[-1] = ContextItem("text", last.source, seg, {"text": torch.cat([last.embeds["text"],
                                                                                    new_tok.embeds["text"]])},
                                      last.ids + [token_id])
@@ -401,19 +406,18 @@ class HaloContext:
         key = (self.length, _segment_key(item.segment))
         if self._suffix_plan is None or self._suffix_plan[0] != key:
             layout = Layout.from_samples([self.segments + [item.segment]], self.model.experts)
-            P, N = self.length, layout.seq_len
-            self._suffix_plan = (key, layout, layout.tokens(P), layout.mask_meta(slice(P, N), slice(0, N)))
-        _, layout, sub, meta = self._suffix_plan
-        hidden = sub.assemble(item.embeds)
-        P = self.length
-        cond = sub.assemble(item.cond, partial=True) if item.cond else None
-        out = self.model.lm.stack(hidden, layout, start=P, cache=self.cache if P else None, meta=meta, cond=cond)
-        return out, sub
+            self._suffix_plan = (key, self.model.lm.stack.plan(layout, start=self.length))
+        plan = self._suffix_plan[1]
+        hidden = plan.sub.assemble(item.embeds)
+        cond = plan.sub.assemble(item.cond, partial=True) if item.cond else None
+        out = self.model.lm.stack(hidden, plan=plan, cache=self.cache if plan.start else None, cond=cond)
+        return out, plan.sub
 
     def clone(self, name: str) -> "HaloContext":
         c = HaloContext(self.model, name)
         c.items = list(self.items)
         c.cache = None if self.cache is None else self.cache.clone()
+        c._layout = self._layout
         return c
 
 
