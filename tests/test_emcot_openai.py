@@ -63,7 +63,7 @@ class ScriptedServer:
                 self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
@@ -219,3 +219,44 @@ def test_http_errors_backoff_and_resume(server, tmp_path):
     run = annotate_episodes(eps, annotator(server), cache, concurrency=2)
     assert run.failures == {} and run.cache_hits == 1 and sorted(run.annotations) == [8, 9]
     assert len(server.for_task(ta)) == before  # the cached episode sent nothing
+
+
+def test_annotate_cli_openai_on_a_dataset(server, tmp_path, capsys):
+    """``vla-blocks annotate --annotator openai`` on a generated dataset: frames come from the reader, one episode
+    fails (listed, exit 1), a re-run with the server fixed resumes from the cache."""
+    pytest.importorskip("pyarrow")
+    from vla_blocks.cli import main
+    from vla_blocks.data import LeRobotDataset
+    from vla_blocks.emcot import EmcotAnnotations
+    root = tmp_path / "ds"
+    cam = "observation.images.front"
+    w = LeRobotDataset.create(root, fps=10, features={
+        cam: {"dtype": "image", "shape": [16, 16, 3], "names": None},
+        "observation.state": {"dtype": "float32", "shape": [4], "names": None}}, use_videos=False)
+    tasks = ["put the red cup on the tray", "put the red cup in the sink"]
+    for e, task in enumerate(tasks):
+        ep = episode(e, task, T=20)
+        for t in range(20):
+            w.add_frame({cam: np.full((16, 16, 3), 10 * t + 40 * e, np.uint8),
+                         "observation.state": ep.states[t].astype(np.float32), "task": task})
+        w.save_episode()
+    w.finalize()
+    server.scripts[tasks[0]] = [ok(PLAN), ok(alignment(T=20, cut=12))]
+    server.scripts[tasks[1]] = [ok(["Pick up the red cup"]), ok([{"subtask": "Pick up the red cup", "frame": [0, 30]}]),
+                                ok([{"subtask": "Pick up the red cup", "frame": [0, 30]}])]
+    args = ["annotate", str(root), "--state-layout", json.dumps({"left": {"xyz": [0, 1, 2], "gripper": 3}}),
+            "--annotator", "openai", "--base-url", server.url, "--model", "m", "--max-images", "3", "--no-progress"]
+    rc = main(args)
+    cap = capsys.readouterr()
+    assert rc == 1 and "annotate (openai): 1/2 episodes annotated, 0 from the cache, 1 failed" in cap.out
+    assert "FAILED episode 1: alignment (call 2): span 0 ('Pick up the red cup') frames [0, 30] outside" in cap.err
+    sent = [p for p in server.for_task(tasks[0])[0]["body"]["messages"][0]["content"] if p["type"] == "image_url"]
+    pix = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent[1]["image_url"]["url"].split(",", 1)[1]))))
+    assert pix.shape == (16, 16, 3) and abs(float(pix.mean()) - 100) < 2  # frame 10 of episode 0 = 10·10
+    ann = EmcotAnnotations(root)
+    assert sorted(ann.episodes) == [0] and ann.failures["1"].startswith("alignment (call 2)")
+    assert ann.frame(0, 5).subgoal_frame_index == 11 and ann.frame(0, 12).subgoal_frame_index == 19
+    server.scripts[tasks[1]] = [ok(["Pick up the red cup"]), ok([{"subtask": "Pick up the red cup", "frame": [0, 19]}])]
+    rc = main(args)
+    assert rc == 0 and "2/2 episodes annotated, 1 from the cache, 0 failed" in capsys.readouterr().out
+    assert sorted(EmcotAnnotations(root).episodes) == [0, 1]
