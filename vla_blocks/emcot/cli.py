@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,15 @@ def _primitive_config(items) -> PrimitiveConfig:
     return PrimitiveConfig.from_mapping(kv)
 
 
+_READ_LOCK = threading.Lock()
+
+
+def _locked_frame(ds, i: int, camera: str):
+    # annotators run episodes on worker threads; the reader's decoded-file cache is not thread-safe
+    with _READ_LOCK:
+        return ds[i][camera]
+
+
 def load_episodes(ds, layout: StateLayout, moving_key: str, camera: str | None, frames_ds=None):
     """(EpisodeInput, moving states, global start index) per episode of ``ds`` (a LeRobotDataset without video
     decoding); ``frames_ds`` (with video) provides ``frame(t)`` of ``camera``."""
@@ -95,7 +105,7 @@ def load_episodes(ds, layout: StateLayout, moving_key: str, camera: str | None, 
         task = ds[position]["task"]
         frame = None
         if frames_ds is not None and camera is not None:
-            frame = (lambda base: (lambda t: frames_ds[base + t][camera]))(position)
+            frame = (lambda base: (lambda t: _locked_frame(frames_ds, base + t, camera)))(position)
         yield EpisodeInput(int(e), task, float(meta.fps), states, frame=frame), moving, starts[int(e)]
         position += len(states)
 
