@@ -32,6 +32,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
+    "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
+                 "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
 }
 
 
