@@ -309,7 +309,10 @@ _JS = """
 
 def render_html(obj: Trace | EpisodeTrace, title: str | None = None) -> str:
     """The whole report as one HTML string (no external resources)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the trace viewer renders its plots with matplotlib: pip install vla-blocks[viz]") from e
     matplotlib.use("Agg", force=False)
     ep = as_episode(obj)
     if not ep.steps:
