@@ -173,6 +173,14 @@ def test_acot_trace(tmp_path):
     _round_trip(traces[0], tmp_path)
 
 
+def test_acot_masked_iar_trace():
+    m = vla_blocks.create_model("acot-tiny", **{"iar.mask_padding": True}).eval()
+    tr = trace_inference(m, m.demo_batch(1, generator=torch.Generator().manual_seed(0)))[0]
+    valid = tr.arrays["prefix_valid"]
+    assert not valid.all() and (tr.arrays["iar_weights"][:, ~valid] == 0).all()
+    np.testing.assert_allclose(tr.arrays["iar_weights"][:, valid].sum(-1), 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("override", ["iar=null", "ear=null"])
 def test_acot_ablation_traces(override):
     key, _ = override.split("=")
