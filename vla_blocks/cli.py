@@ -34,6 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
     "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
                  "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
+    "trace": ("view saved policy / episode traces as one self-contained offline HTML report",
+              "vla_blocks.trace.view:add_arguments", "vla_blocks.trace.view:run"),
 }
 
 
