@@ -41,6 +41,7 @@ class Bookkeeping:
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
+        self.by_name: dict[str, float] = {}
         self._depth = 0
         self._patches: list[tuple[object, str, object]] = []
 
@@ -54,7 +55,7 @@ class Bookkeeping:
             out.append((mot.PassPlan, "build"))
         return out
 
-    def _wrap(self, fn):
+    def _wrap(self, fn, name):
         def timed(*a, **kw):
             self._depth += 1
             t0 = time.perf_counter() if self._depth == 1 else None
@@ -62,20 +63,24 @@ class Bookkeeping:
                 return fn(*a, **kw)
             finally:
                 if t0 is not None:
-                    self.seconds += time.perf_counter() - t0
+                    dt = time.perf_counter() - t0
+                    self.seconds += dt
                     self.calls += 1
+                    self.by_name[name] = self.by_name.get(name, 0.0) + dt
                 self._depth -= 1
         return timed
 
     def __enter__(self):
         for owner, name in self._targets():
             raw = inspect.getattr_static(owner, name)
+            label = f"{getattr(owner, '__name__', owner)}.{name}".rsplit(".", 2)[-2:]
+            label = ".".join(label)
             if isinstance(raw, classmethod):
-                new = classmethod(self._wrap(raw.__func__))
+                new = classmethod(self._wrap(raw.__func__, label))
             elif isinstance(raw, staticmethod):
-                new = staticmethod(self._wrap(raw.__func__))
+                new = staticmethod(self._wrap(raw.__func__, label))
             else:
-                new = self._wrap(raw)
+                new = self._wrap(raw, label)
             self._patches.append((owner, name, raw))
             setattr(owner, name, new)
         return self
@@ -115,10 +120,10 @@ def bookkeeping_share(name: str, repeats: int) -> dict:
             t0 = time.perf_counter()
             call()
             total = time.perf_counter() - t0
-        shares.append((bk.seconds / total, bk.calls, total))
-    share, calls, total = sorted(shares)[len(shares) // 2]
+        shares.append((bk.seconds / total, bk.calls, total, {k: v / total for k, v in bk.by_name.items()}))
+    share, calls, total, by_name = sorted(shares, key=lambda x: x[0])[len(shares) // 2]
     return {"recipe": name, "wall_ms": wall * 1e3, "instrumented_ms": total * 1e3, "bookkeeping_share": share,
-            "bookkeeping_calls": calls, "target": TARGET_BOOKKEEPING, "meets_target": share <= TARGET_BOOKKEEPING}
+            "bookkeeping_calls": calls, "share_by_function": by_name, "target": TARGET_BOOKKEEPING, "meets_target": share <= TARGET_BOOKKEEPING}
 
 
 def halo_decode(sizes, tokens: int, repeats: int) -> dict:

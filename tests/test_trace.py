@@ -162,7 +162,7 @@ def test_acot_trace(tmp_path):
         x_t = torch.from_numpy(a["denoise_x"][k])[None]
         t = torch.tensor([float(a["denoise_t"][k])])
         with torch.no_grad():
-            tok = m.action_tokens(x_t, t)
+            tok = m.flow_heads["actions"].embed(x_t, t)[0]
             z_ex = m.coarse_action_in_proj(torch.from_numpy(a["coarse_guide"])[None])
             s_ex = m.explicit_action_reasoner(tok, z_ex)
             a_ex = m.explicit_action_reason_proj(torch.cat([tok, s_ex], -1))
