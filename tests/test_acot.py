@@ -99,7 +99,7 @@ def three_pass_loss(model, batch):
         act_in, act_cond = reference_tokens(model, x_t, batch["time"], model.action_in_proj,
                                             model.action_time_mlp_in, model.action_time_mlp_out)
     h_ref = full_pass(model, batch, EAR, "coarse_actions", ear_in, ear_cond)  # pass 2
-    act_in = action_guided_prediction(model, act_in, coarse, z_im)  # teacher forcing: the ground-truth coarse trajectory
+    act_in = action_guided_prediction(model, act_in, coarse, z_im)  # teacher forcing: the true coarse trajectory
     h = full_pass(model, batch, ACT, "actions", act_in, act_cond)  # pass 3
     loss_ref = ((linear(model.coarse_action_out_proj, h_ref) - u_ref) ** 2).mean()
     loss_act = ((linear(model.action_out_proj, h) - u) ** 2).mean()
