@@ -293,3 +293,12 @@ def test_prefix_cache_append_buffers_without_grad_and_concatenates_with_grad():
     c.append([steps[0][0]], [steps[0][1]])
     c.keys[0].sum().backward()
     assert torch.equal(kg.grad, torch.ones_like(kg))
+
+
+def test_next_token_pairs_never_cross_rows():
+    from vla_blocks.layout import Layout, Segment
+    from vla_blocks.models.mot_lm import next_token_pairs
+    layout = Layout.from_samples([[Segment.of("causal", "und", 9, "text")]] * 2, ["und"])
+    src, tgt = next_token_pairs(layout)
+    assert src.numel() == 16  # 8 pairs per row of 9 tokens, none from row 0's last token to row 1's first
+    assert not any(int(s) == 8 for s in src)
