@@ -180,11 +180,19 @@ def flow_step(repeats: int, prompts=PROMPT_LENGTHS, horizons=HORIZONS) -> dict:
 def run(ctx) -> dict:
     torch.set_num_threads(1)
     smoke = getattr(ctx, "smoke", False)
+    options = getattr(ctx, "options", {}) or {}
+    unknown = set(options) - {"threads", "baseline"}
+    if unknown:
+        raise ValueError(f"composition: unknown --set keys {sorted(unknown)} (valid: baseline=PATH.json)")
     repeats = 3 if smoke else 9
     recipes = ("pi0-tiny",) if smoke else RECIPES
     out = {"bookkeeping": [bookkeeping_share(r, repeats) for r in recipes]}
     out["halo_decode"] = halo_decode((40, 120) if smoke else CONTEXT_SIZES, 4 if smoke else 24, 1 if smoke else 3)
     out["flow_step"] = flow_step(repeats, (8, 32) if smoke else PROMPT_LENGTHS, (4, 8) if smoke else HORIZONS)
+    if options.get("baseline"):  # the same measurements on an earlier checkout (python benchmarks/composition.py)
+        import json
+        from pathlib import Path
+        out["baseline"] = json.loads(Path(options["baseline"]).read_text())
     out["notes"] = ["one torch thread", "bookkeeping = outermost calls of layout/routing/mask-meta/RoPE/backend "
                     "choice (and PassPlan.build) inside the same instrumented call"]
     return out
@@ -192,23 +200,35 @@ def run(ctx) -> dict:
 
 def summary_markdown(payload: dict) -> str:
     from vla_blocks.bench import md_table
-    rows = [[r["recipe"], f"{r['wall_ms']:.1f}", f"{100 * r['bookkeeping_share']:.1f}%",
-             "yes" if r["meets_target"] else "no"] for r in payload["bookkeeping"]]
-    t1 = md_table(["recipe (inference)", "wall ms", "bookkeeping share", f"≤ {100 * TARGET_BOOKKEEPING:.0f}%"], rows)
+    base = payload.get("baseline") or {}
+    old = {r["recipe"]: r for r in base.get("bookkeeping", [])}
+    rows = []
+    for r in payload["bookkeeping"]:
+        o = old.get(r["recipe"])
+        before = f"{o['wall_ms']:.1f} ms, {100 * o['bookkeeping_share']:.1f}%" if o else "–"
+        rows.append([r["recipe"], before, f"{r['wall_ms']:.1f}", f"{100 * r['bookkeeping_share']:.1f}%",
+                     "yes" if r["meets_target"] else "no"])
+    t1 = md_table(["recipe (inference)", "before (wall, bookkeeping)", "wall ms", "bookkeeping share",
+                   f"≤ {100 * TARGET_BOOKKEEPING:.0f}%"], rows)
     d = payload["halo_decode"]
-    t2 = md_table(["HALO context tokens"] + [str(r["context_tokens"]) for r in d["rows"]],
-                  [["decode ms / token"] + [f"{r['per_token_ms']:.2f}" for r in d["rows"]]])
+    drows = [["decode ms / token"] + [f"{r['per_token_ms']:.2f}" for r in d["rows"]]]
+    if base.get("halo_decode"):
+        drows.insert(0, ["before"] + [f"{r['per_token_ms']:.2f}" for r in base["halo_decode"]["rows"]])
+    t2 = md_table(["HALO context tokens"] + [str(r["context_tokens"]) for r in d["rows"]], drows)
     return (t1 + "\n\n" + t2 + f"\n\nDecode cost deviates at most {100 * d['max_deviation_from_smallest']:.0f}% from "
             f"the smallest context (target ±{100 * TARGET_DECODE_FLATNESS:.0f}%).")
 
 
 def render_markdown(payload: dict) -> str:
-    from vla_blocks.bench import md_table
+    from vla_blocks.bench import header_markdown, md_table
     f = payload["flow_step"]
     t3 = md_table(["prompt tokens", "chunk", "flow step ms"],
                   [[str(r["prompt_tokens"]), str(r["horizon"]), f"{r['step_ms']:.2f}"]
                    for r in f["by_prompt"] + f["by_horizon"]])
-    return ("# Composition benchmark\n\n" + summary_markdown(payload) + "\n\n## Flow step (pi05-tiny)\n\n" + t3
+    base = payload.get("baseline")
+    before = f"\n\n'before' columns: the same code on the checkout before the change ({base['label']})." \
+        if base and base.get("label") else ""
+    return (header_markdown(payload) + "\n\n" + summary_markdown(payload) + before + "\n\n## Flow step (pi05-tiny)\n\n" + t3
             + "\n\n" + "\n".join(f"- {n}" for n in payload.get("notes", [])) + "\n")
 
 
