@@ -50,8 +50,9 @@ FAMILIES = {
 }
 # transformers ACT2FN names -> the stack's GatedFFN activations
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-# keys that transformers configs accept besides their fields (legacy spellings folded into rope_parameters)
-_EXTRA_CONFIG_KEYS = ("rope_theta", "rope_scaling")
+# keys that transformers configs accept besides their fields: legacy spellings folded into rope_parameters, and
+# head_dim, which the Qwen2/Llama/Gemma modeling code reads with getattr whether or not the config declares it
+_EXTRA_CONFIG_KEYS = ("rope_theta", "rope_scaling", "head_dim")
 
 
 def family_config_fields(model_type: str) -> set[str]:

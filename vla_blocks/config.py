@@ -24,9 +24,9 @@ How a recipe combines with its base (and overrides with the recipe):
 - changing a *family key* of a component drops the inherited fields that belong to the old family.
   A component declares them in ``family_keys`` (``{key: fields to drop}``): for ``hf_causal_lm``
   changing ``model_type`` drops the inherited ``config``, and changing ``pretrained`` drops the
-  inherited ``config`` and ``model_type`` (both are read from the checkpoint). Fields set next to the
-  change (in the same recipe, or by any override) are kept; overrides that switch ``type`` or a
-  family key apply before the others, whatever their order.
+  inherited ``config`` and ``model_type`` (both are read from the checkpoint). Such fields set next to
+  the change (in the same recipe, or by any override) are taken as given, not merged into the old
+  ones; overrides that switch ``type`` or a family key apply before the others, whatever their order.
 Third-party packages add components through the entry-point group ``vla_blocks.components``
 (each entry point is a module imported before the first lookup).
 """
@@ -341,7 +341,7 @@ def _merge(base: dict, top: dict) -> dict:
             out[k] = v  # another component: start from it
         else:
             changed = {f for f in v if f not in old or v[f] != old[f]}
-            drop = _family_resets(old.get("type"), changed) - set(v)
+            drop = _family_resets(old.get("type"), changed)  # what ``v`` sets of them lands unmerged
             out[k] = _merge({f: x for f, x in old.items() if f not in drop}, v)
     return out
 
