@@ -160,8 +160,10 @@ def summary_markdown(payload: dict) -> str:
              f"{r['params'] / 1e6:.1f}M", fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_growth"]),
              f"{r['ratio']:.2f}×", "met" if r["target_met"] else "MISSED", f"{r['build_s']:.1f}"]
             for r in payload["rows"]]
-    return head + "\n\n" + md_table(["variant", "git", "recipe", "case", "params", "weights", "peak growth",
-                                      "peak / weights", "target", "build s"], rows)
+    notes = sorted({f"{r['variant']}: {r['note']}" for r in payload["rows"] if r.get("note")})
+    return (head + "\n\n" + md_table(["variant", "git", "recipe", "case", "params", "weights", "peak growth",
+                                       "peak / weights", "target", "build s"], rows)
+            + "".join(f"\n\n{n}" for n in notes))
 
 
 def render_markdown(payload: dict) -> str:

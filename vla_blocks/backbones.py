@@ -59,7 +59,7 @@ def family_config_fields(model_type: str) -> set[str]:
     """The keys a transformers config of ``model_type`` holds (the fields a recipe's ``config`` may set)."""
     from transformers import AutoConfig
     default = AutoConfig.for_model(model_type)
-    names = {k for k in vars(default) if not k.startswith("_")}
+    names = {k for k in vars(default) if not k.startswith("_")} | set(default.to_dict())  # what it writes reads back
     return names | set(getattr(type(default), "__dataclass_fields__", {})) | set(_EXTRA_CONFIG_KEYS)
 
 
