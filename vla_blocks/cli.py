@@ -1,7 +1,8 @@
 """The ``vla-blocks`` command line.
 
 Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
-parameter counts per expert and in total, computed on the meta device: no weights allocated),
+parameter counts per expert and in total, computed on the meta device: no weights allocated;
+``--show-config`` prints the resolved recipe as YAML instead),
 ``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
 listed in :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``), implemented beside what they drive and
 imported only when used.
@@ -85,6 +86,12 @@ def cmd_recipes(args) -> int:
 
 def cmd_info(args) -> int:
     cfg, model = build_on_meta(args.recipe, args.overrides)
+    if getattr(args, "show_config", False):
+        from .config import dump_recipe
+        print(f"# {args.recipe}" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved recipe (base, overrides and defaults applied)")
+        print(dump_recipe(cfg), end="")
+        return 0
     print(f"{args.recipe}: {type(model).__name__} (type: {cfg.type})")
     tree = parameter_tree(model)
     width = max(len(k) for k in tree) if tree else 10
@@ -146,6 +153,8 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="component tree with parameter counts (no weights allocated)")
     s.add_argument("recipe", help="recipe name, recipe path, hf-hub:org/name or local-dir:path")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. experts.act.hidden_size=512")
+    s.add_argument("--show-config", action="store_true",
+                   help="print the resolved recipe (YAML: base, overrides and defaults applied) instead of the tree")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
