@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import BatchError
+from .errors import BatchError, MissingKeyError
 
 __all__ = ["Field", "BatchSchema", "CheckedBatch", "IMAGE_DTYPES"]
 
@@ -165,7 +165,7 @@ class BatchSchema:
                 needed = not f.optional and (f.required_if is None or bool(dims.get(f.required_if)))
                 if needed:
                     have = ", ".join(sorted(map(str, batch))) or "none"
-                    raise BatchError(f"{self.name} batch ({mode}): missing key {f.key!r} "
+                    raise MissingKeyError(f"{self.name} batch ({mode}): missing key {f.key!r} "
                                      f"({self._expect(f)}); keys given: {have}", f.key)
                 continue
             out[f.key] = self._check_field(f, value, batch, binder, allow_nonfinite)

@@ -7,6 +7,7 @@ and tests can tell which input was wrong without parsing the message.
 - :class:`~vla_blocks.config.ConfigError` (``ValueError``): a recipe, override or model reference is malformed.
 - :class:`BatchError` (``ValueError``): a policy batch breaks the model's declared batch contract
   (:mod:`vla_blocks.batch`): a missing key, a wrong shape / dtype / range, NaN or Inf, batch sizes that disagree.
+  A missing key is a :class:`MissingKeyError`, also a ``KeyError``.
 - :class:`StatsError` (``ValueError``): normalisation statistics that are non-finite, have a negative std, do
   not match the data's width, or come in a layout that is not understood.
 - :class:`LoadError` (``ValueError``): a load option that selects nothing (``only=["lm.stak"]``) or makes no
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from .config import ConfigError
 
-__all__ = ["ConfigError", "VLAError", "BatchError", "StatsError", "LoadError"]
+__all__ = ["ConfigError", "VLAError", "BatchError", "MissingKeyError", "StatsError", "LoadError"]
 
 
 class VLAError(ValueError):
@@ -31,6 +32,13 @@ class VLAError(ValueError):
 
 class BatchError(VLAError):
     """A batch does not match the model's batch schema; ``key`` is the batch key."""
+
+
+class MissingKeyError(BatchError, KeyError):
+    """A required batch key is absent: a :class:`BatchError` that is also a ``KeyError`` (code that caught the
+    bare ``KeyError: 'images'`` of earlier versions keeps working); ``str()`` is the message, not its repr."""
+
+    __str__ = BatchError.__str__
 
 
 class StatsError(VLAError):

@@ -513,6 +513,10 @@ def _check_filters(target: Mapping[str, Any], **filters):
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise LoadError(f"{name}=[{p!r}] matches no key of the model{hint} (prefixes are dotted module paths, "
                                 f"e.g. {', '.join(repr(h) for h in heads[:3])})", name)
+    only, exclude = filters.get("only"), filters.get("exclude") or []
+    if (only or exclude) and not any((not only or _matches_prefix(k, only)) and not _matches_prefix(k, exclude)
+                                     for k in target):
+        raise LoadError(f"only={only} / exclude={exclude} leave no key of the model to load", "exclude" if exclude else "only")
 
 
 def _matches_prefix_any(keys: Iterable[str], prefix: str) -> bool:
