@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         img = frame(i)
         policy = None
         if i % args.every == 0:
-            cam = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
+            cam = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0  # float images in [0, 1]
             batch["images"] = cam[None, None].repeat(1, model.config.num_cameras, 1, 1, 1)
             with recording(model) as r:
                 chunk = model.predict_action_chunk(batch)[0]

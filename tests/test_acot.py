@@ -183,8 +183,8 @@ def test_prefix_cache_inference_equals_recomputing_the_prefix(one_thread):
         raw = model.infer(batch, noise=batch["noise"], coarse_noise=batch["coarse_noise"])
         assert raw["coarse_actions"].shape == (2, 5, 7) and raw["actions"].shape == (2, 4, 7)
         sampled = model.sample_actions(batch, noise=batch["noise"], coarse_noise=batch["coarse_noise"])
-    assert torch.allclose(raw["coarse_actions"], model.normalizer.unnormalize("coarse_actions", sampled["coarse_actions"])[..., :7])
-    assert torch.allclose(raw["actions"], model.normalizer.unnormalize("actions", sampled["actions"])[..., :7])
+    assert torch.allclose(raw["coarse_actions"], model.normalizer.unnormalize("coarse_actions", sampled["coarse_actions"][..., :7]))
+    assert torch.allclose(raw["actions"], model.normalizer.unnormalize("actions", sampled["actions"][..., :7]))
 
 
 def test_coarse_reference_from_the_chunk_equals_explicit_coarse_actions_with_their_own_stats():
@@ -273,7 +273,7 @@ def task_batch(model, trajectories, B, g):
     batch["tokenized_prompt"][:, 0] = 10 + k
     batch["tokenized_prompt_mask"][:] = False
     batch["tokenized_prompt_mask"][:, :2] = True
-    batch["images"][:, 0] = (k.float()[:, None, None, None] / trajectories.shape[0]) * 2 - 1
+    batch["images"][:, 0] = k.float()[:, None, None, None] / trajectories.shape[0]  # float images in [0, 1]
     batch["actions"] = trajectories[k] + 0.02 * torch.randn(B, trajectories.shape[1], trajectories.shape[2], generator=g)
     batch["coarse_target"] = trajectories[k][:, 0:(c.ear.horizon - 1) * c.ear.stride + 1:c.ear.stride]
     batch["fine_target"] = trajectories[k][:, :c.action_horizon]

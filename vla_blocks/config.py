@@ -126,6 +126,9 @@ def registered(slot: str) -> dict[str, type]:
 
 def component_class(slot: str, name: str, *, file: str | None = None, path: str = "type") -> type:
     reg = registered(slot)
+    if not isinstance(name, str):
+        raise ConfigError(f"{_where(file, path)}: a {slot} component name must be a string, got {name!r} "
+                          f"(valid: {', '.join(sorted(reg))})")
     if name not in reg:
         raise ConfigError(f"{_where(file, path)}: unknown {slot} component {name!r}{_suggest(name, reg)}")
     return reg[name]

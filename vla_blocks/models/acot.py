@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..backbones import ExpertSpec
+from ..batch import BatchSchema, Field
 from ..components import ModelConfig
 from ..config import register
 from ..heads import FlowHead
@@ -97,6 +98,13 @@ class ACoTVLA(Pi0Model):
     ``action_reasoning_fusion``; experts ``vlm``/``ear``/``act`` = upstream suffixes ``""``/``_1``/``_2``)."""
 
     config: ACoTConfig
+    batch_schema = BatchSchema("acot", [*Pi0Model.batch_schema.fields.values(),
+                                        Field("coarse_actions", ("B", "E", "<=A"), modes=("train",), optional=True),
+                                        Field("coarse_noise", ("B", "E", "A"), modes=("train",), optional=True)])
+
+    def batch_dims(self) -> dict:
+        ear = self.config.ear
+        return {**super().batch_dims(), **({"E": ear.horizon} if ear is not None else {})}
 
     def __init__(self, config: ACoTConfig):
         super().__init__(config)

@@ -18,8 +18,9 @@ gradients). Inference runs the prefix once and each of the 10 Euler steps as a s
 
 Batch keys (model space is after :class:`~vla_blocks.normalize.Normalizer`; raw values go in):
 
-- ``images`` float [B, n_cam, 3, S, S] in [−1, 1] (uint8 [B, n_cam, S', S', 3] is resized-with-pad),
-  ``image_masks`` bool [B, n_cam] (False: a missing camera, its tokens are invalid);
+- ``images`` float [B, n_cam, 3, S, S] in [0, 1] (mapped to [−1, 1] by ``_pixels``) or uint8
+  [B, n_cam, S', S', 3] in [0, 255] (resized-with-pad), ``image_masks`` bool [B, n_cam] (False: a missing
+  camera, its tokens are invalid and its pixels zeroed); the full contract is ``Pi0Model.batch_schema``;
 - ``tokenized_prompt`` long [B, L] and ``tokenized_prompt_mask`` bool [B, L] (L = max_token_len; pi0.5's
   discretised state, when used, is part of the prompt text, see :func:`pi05_prompt`; tokenisation is the
   data pipeline's job);
@@ -43,6 +44,7 @@ from typing import Literal
 import torch
 
 from ..backbones import BackboneConfig, ExpertSpec, build_language_model
+from ..batch import IMAGE_DTYPES, BatchSchema, Field
 from ..config import register
 from ..encoders import Connector, VisionConfig, preprocess_images
 from ..flow import FlowMatching, time_grid
@@ -223,6 +225,21 @@ class Pi0Model(VLAModel):
     registered under those names (:meth:`~vla_blocks.model.VLAModel.expose`)."""
 
     config: "Pi0Config"
+    batch_schema = BatchSchema("pi0", [  # checked at every entry point (vla_blocks.batch)
+        Field("images", ("B", "n_cam", "*", "*", "*"), IMAGE_DTYPES, kind="image", mask="image_masks",
+              doc="float → 2x − 1 in _pixels"),
+        Field("image_masks", ("B", "n_cam"), ("bool",), optional=True),
+        Field("tokenized_prompt", ("B", "L"), ("int",), range=(0, "max_id"), mask="tokenized_prompt_mask"),
+        Field("tokenized_prompt_mask", ("B", "L"), ("bool",), optional=True),
+        Field("state", ("B", "<=state_dim"), required_if="state_token"),
+        Field("actions", ("B", ">=H", "<=A"), modes=("train",)),
+        Field("noise", ("B", "H", "A"), modes=("train",), optional=True),
+        Field("time", ("B",), range=(0.0, 1.0), modes=("train",), optional=True)])
+
+    def batch_dims(self) -> dict:
+        c = self.config
+        return {"H": c.action_horizon, "A": c.action_dim, "state_dim": c.state_dim or c.action_dim,
+                "max_id": self.language_model.embed_tokens.num_embeddings - 1, "state_token": not c.pi05}
 
     def __init__(self, config: "Pi0Config"):
         super().__init__(config)
@@ -286,7 +303,7 @@ class Pi0Model(VLAModel):
 
     # -- inputs ------------------------------------------------------------------------------------
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, n_cam, 3, S, S]`` in [−1, 1] (or uint8 ``[B, n_cam, H, W, 3]``) → ``[B·n_cam, 3, S, S]``."""
+        """``[B, n_cam, 3, S, S]`` in [0, 1] (or uint8 ``[B, n_cam, H, W, 3]``) → ``[B·n_cam, 3, S, S]`` in [−1, 1]."""
         if isinstance(images, dict):
             images = torch.stack(list(images.values()), dim=1)
         if images.ndim != 5:
@@ -294,7 +311,9 @@ class Pi0Model(VLAModel):
         flat = images.flatten(0, 1)
         S = self.vision_tower.image_size
         if flat.dtype == torch.uint8 or tuple(flat.shape[-2:]) != (S, S):
-            flat = preprocess_images(flat, size=S, float_range="signed")
+            flat = preprocess_images(flat, size=S, float_range="unit")
+        else:
+            flat = flat * 2.0 - 1.0  # float [0, 1] (checked by batch_schema) -> [-1, 1]
         return flat.to(self.device)
 
     def embed_prefix(self, batch: dict) -> Prefix:
@@ -449,9 +468,9 @@ class Pi0Model(VLAModel):
         return {"actions": x}
 
     def _output(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalizer.unnormalize(key, x)
         real = self.config.real_action_dim
-        return x if real is None else x[..., :real]
+        x = x if real is None else x[..., :real]
+        return self.normalizer.unnormalize(key, x, padded=True)  # past the stats' width: model-space padding
 
     @torch.no_grad()
     def infer(self, batch: dict, **kw) -> dict:
@@ -481,7 +500,7 @@ class Pi0Model(VLAModel):
         lengths = torch.randint(1, L + 1, (batch_size,), generator=g)
         real = c.real_action_dim or c.action_dim
         return {
-            "images": torch.rand(batch_size, n_cam, 3, S, S, generator=g) * 2 - 1,
+            "images": torch.rand(batch_size, n_cam, 3, S, S, generator=g),  # float in [0, 1] (vla_blocks.batch)
             "image_masks": image_masks,
             "tokenized_prompt": torch.randint(0, vocab, (batch_size, L), generator=g),
             "tokenized_prompt_mask": torch.arange(L)[None, :] < lengths[:, None],

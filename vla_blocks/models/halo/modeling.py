@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backbones import ExpertSpec, build_language_model
+from ...batch import BatchSchema, Field
 from ...encoders import Connector, navit_size
 from ...flow import FlowMatching, cfg_in_interval, cfg_velocity, euler_sample, flow_loss, time_grid
 from ...heads import FlowHead, PositionEmbedding2D, VisualLatentHead
@@ -34,6 +35,21 @@ class HaloModel(HaloPlanner, VLAModel):
     :meth:`predict_action_chunk` / ``select_action`` (lerobot names). ``model.tokenizer`` may be replaced
     by any :class:`~vla_blocks.tokenization.HaloTokenizer` whose ids fit the vocabulary.
     """
+
+    batch_schema = BatchSchema("halo", [  # checked at every entry point (vla_blocks.batch)
+        Field("layout", kind="object", type_=Layout, modes=("train",), doc="a Layout (model.collate)"),
+        Field("input_ids", ("N",), ("int",), range=(0, "max_id"), modes=("train",)),
+        Field("text_targets", ("N",), ("int",), range=(-100, "max_id"), modes=("train",)),
+        Field("vit_images", kind="frames", modes=("train",), doc="list of images [3, H, W], uint8 or float [0, 1]"),
+        Field("vae_images", kind="frames", modes=("train",), doc="list of images [3, H, W], uint8 or float [0, 1]"),
+        Field("actions", ("*", "chunk", "A"), modes=("train",), optional=True),
+        Field("history", kind="history", modes=("infer",), doc="per sample a list of frames, uint8 or float [0, 1]"),
+        Field("instruction", kind="text", modes=("infer",), doc="one instruction string per sample")])
+    batch_entry_points = {**VLAModel.batch_entry_points, "infer": "episode"}
+
+    def batch_dims(self) -> dict:
+        return {"chunk": self.config.chunk_size, "A": self.config.action_dim,
+                "max_id": self.lm.embed_tokens.num_embeddings - 1}
 
     def __init__(self, config: HaloConfig):
         super().__init__(config)
