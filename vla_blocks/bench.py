@@ -47,7 +47,14 @@ from typing import Any, Callable
 
 import torch
 
-SUITES = ("attention", "inference", "backbone", "build", "data", "composition")
+from .registry import Registry
+
+#: Benchmark suites: name -> the script that runs it (``benchmarks/<name>.py`` of the source checkout, or an
+#: importable module ``pkg.module`` registered by a plug-in through the entry-point group ``vla_blocks.bench_suites``).
+#: A suite module provides ``run(ctx) -> dict``, ``render_markdown``, ``summary_markdown`` and ``plot`` (optional ``merge``).
+SUITES: Registry[str] = Registry("benchmark suite", group="vla_blocks.bench_suites")
+for _name in ("attention", "inference", "backbone", "build", "data", "composition"):
+    SUITES.register(_name, f"benchmarks/{_name}.py")
 SCHEMA_VERSION = 1
 
 # Dense (non-sparse) tensor-core peaks in TFLOP/s, by GPU name fragment (longest match first).
@@ -111,13 +118,17 @@ def atomic_savefig(fig, path: Path) -> None:
 
 
 def load_suite(name: str):
-    """Import ``benchmarks/<name>.py`` of the source checkout."""
-    if name not in SUITES:
-        raise ValueError(f"unknown benchmark suite {name!r}; suites: {list(SUITES)}")
+    """Import the suite's script (``benchmarks/<name>.py`` of the source checkout) or module."""
+    try:
+        target = SUITES.get(name)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+    if not target.endswith(".py"):
+        return importlib.import_module(target)
     root = checkout_root()
     if root is None:
         raise FileNotFoundError("benchmarks/ not found: the suites run from a source checkout (pip install -e .)")
-    path = root / "benchmarks" / f"{name}.py"
+    path = root / target
     mod_name = f"vla_blocks_benchmarks_{name}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]

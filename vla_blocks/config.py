@@ -45,6 +45,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .registry import Registry
+
 ENTRY_POINT_GROUP = "vla_blocks.components"
 
 
@@ -66,8 +68,11 @@ def _suggest(word: str, choices) -> str:
 
 # ---------------------------------------------------------------------------------------------- registry
 _SLOTS: dict[str, type] = {}
-_REGISTRY: dict[str, dict[str, type]] = {}
-_PLUGINS_LOADED = False
+_REGISTRY: dict[str, Registry[type]] = {}  # slot -> its components (vla_blocks.registry: one mechanism for all)
+
+
+def _slot_registry(slot: str) -> Registry[type]:
+    return Registry(f"{slot} component", group=ENTRY_POINT_GROUP, builtins=("vla_blocks.components",))
 
 
 class ComponentConfig:
@@ -87,7 +92,7 @@ class ComponentConfig:
             cls.slot = slot
             cls._slot_base = cls
             _SLOTS[slot] = cls
-            _REGISTRY.setdefault(slot, {})
+            _REGISTRY.setdefault(slot, _slot_registry(slot))
 
     def build(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not build a module")
@@ -101,27 +106,23 @@ def register(slot: str, name: str):
         if not issubclass(cls, _SLOTS[slot]):
             raise TypeError(f"{cls.__name__} must subclass {_SLOTS[slot].__name__} to register in slot {slot!r}")
         cls.type = name
-        _REGISTRY[slot][name] = cls
+        _REGISTRY[slot].register(name, cls, replace=True)
         return cls
     return deco
 
 
 def _load_plugins():
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    importlib.import_module("vla_blocks.components")  # the built-in components
-    from importlib.metadata import entry_points
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+    """Import the built-in components and the entry-point plug-ins (each slot's registry does it once)."""
+    importlib.import_module("vla_blocks.components")  # defines the slots that live there
+    for reg in list(_REGISTRY.values()):
+        reg.names()
 
 
 def registered(slot: str) -> dict[str, type]:
     _load_plugins()
     if slot not in _REGISTRY:
         raise KeyError(f"unknown slot {slot!r}{_suggest(slot, _REGISTRY)}")
-    return dict(_REGISTRY[slot])
+    return dict(_REGISTRY[slot].items())
 
 
 def component_class(slot: str, name: str, *, file: str | None = None, path: str = "type") -> type:
