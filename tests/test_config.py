@@ -91,7 +91,7 @@ def test_third_party_component_through_entry_point(tmp_path, monkeypatch):
 
     import importlib.metadata as md
     monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == C.ENTRY_POINT_GROUP else [])
-    monkeypatch.setattr(C, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(C._REGISTRY["backbone"], "_loaded", False)  # plug-ins load on the next lookup
     cls = C.component_class("backbone", "my_backbone")
     assert cls.__name__ == "MyBackbone"
     assert C.decode(C._SLOTS["backbone"], {"type": "my_backbone", "width": 5}).width == 5
