@@ -30,3 +30,12 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU run faster (and steadier) on one torch thread; restores the count after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,14 +19,6 @@ from oracles.acot import action_guided_prediction
 from oracles.openpi import embed_suffix, sample_times
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared CPU run faster (and steadier) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def build(seed=0, perturb=True, **overrides):
     return policy_helpers.build("acot-tiny", seed, perturb, **overrides)
@@ -143,7 +135,6 @@ def test_teacher_forcing_keeps_the_action_loss_away_from_the_ear_expert():
 
 def reference_sample(model, batch, noise, coarse_noise):
     """Inference with the prefix recomputed at every Euler step (openpi's loop: dt = −0.1 while t ≥ −dt/2)."""
-    c = model.config
     B = noise.shape[0]
     z_im = implicit_tokens_from_prefix_pass(model, batch)
 

@@ -40,11 +40,8 @@ def extra_overrides(recipe: str) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this file on one thread."""
 
 
 def language_model(model) -> MoTLanguageModel:

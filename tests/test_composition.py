@@ -17,11 +17,8 @@ VARIANTS = ("pi05-ear-l1-tiny", "halo-adarms-tiny")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this file on one thread."""
 
 
 def test_variant_recipes_are_named_by_no_python_file():

@@ -339,13 +339,6 @@ class TinyVelocity(nn.Module):
         return self.net(torch.cat([x, temb], -1))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 def test_flow_head_learns_gaussian_mixture(one_thread):
     torch.manual_seed(0)
