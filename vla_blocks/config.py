@@ -472,3 +472,63 @@ def dump_recipe(cfg) -> str:
 __all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
            "load_recipe", "read_recipe", "load_yaml", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
            "dataclass"]
+
+
+# ---------------------------------------------------------------------------------------------- field help
+def field_docs(cls) -> dict[str, str]:
+    """Help text of each field of the config dataclass ``cls`` (and its bases), found next to the field:
+
+    - the comment lines directly above the field and a trailing ``# comment`` on its line (lerobot's style);
+    - or a ``- ``name``: text`` item of the class docstring (continuation lines indented).
+    The nearest class in the MRO that documents a field wins.
+    """
+    import inspect
+    import re
+    import textwrap
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+        own: dict[str, str] = {}
+        text = inspect.getdoc(klass) or ""
+        for m in re.finditer(r"^- ``(\w+)``(?: / ``(\w+)``)*:\s*(.*(?:\n(?!- ``|\n).+)*)", text, re.M):
+            body = " ".join(line.strip() for line in m.group(3).splitlines())
+            for name in (m.group(1), m.group(2)):
+                if name:
+                    own[name] = body
+        try:
+            src = textwrap.dedent(inspect.getsource(klass)).splitlines()
+        except (OSError, TypeError):
+            src = []
+        comments: list[str] = []
+        for line in src[1:]:
+            s = line.strip()
+            if s.startswith("#"):
+                comments.append(s.lstrip("#").strip())
+                continue
+            m = re.match(r"^    (\w+)\s*:[^=#]*(?:=[^#]*)?(?:#\s*(.*))?$", line)
+            if m and not line.startswith("     "):
+                parts = comments + ([m.group(2)] if m.group(2) else [])
+                if parts:
+                    own[m.group(1)] = " ".join(parts)
+            comments = []
+        docs.update(own)
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in docs.items() if k in names}
+
+
+def describe_fields(cfg, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key path, value, help)`` for every field of a config tree, nested components included."""
+    rows = []
+    docs = field_docs(type(cfg))
+    for f in fields(cfg):
+        if not f.init:
+            continue
+        val = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(val):
+            kind = getattr(val, "type", "") or type(val).__name__
+            rows.append((key, f"<{kind}>", docs.get(f.name, "")))
+            rows += describe_fields(val, key + ".")
+        else:
+            shown = repr(val)
+            rows.append((key, shown if len(shown) <= 60 else shown[:57] + "...", docs.get(f.name, "")))
+    return rows
