@@ -21,11 +21,11 @@ def load_runner(model_ref: str, observation: str = "batch", *, device: str = "cp
     from .layouts import load_layout
     from .runner import PolicyRunner
 
+    layout = None if observation == "batch" else load_layout(observation)  # a bad layout fails before loading
     ref = f"local-dir:{model_ref}" if os.path.isdir(model_ref) else model_ref
     model = create_model(ref, overrides=list(overrides or [])).to(torch.device(device))
-    if observation == "batch":
+    if layout is None:
         return PolicyRunner(model, None, default_prompt=prompt, seed=seed)
-    layout = load_layout(observation)
     processor = load_processor(model, model_ref, layout)
     return PolicyRunner(model, processor, layout, default_prompt=prompt, seed=seed)
 

@@ -79,6 +79,8 @@ class ImageSpec:
 
 
 def _as_array(value, key: str) -> np.ndarray:
+    if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
+        value = np.asarray(value)
     if isinstance(value, (list, tuple)):
         try:
             value = np.asarray(value)

@@ -1,0 +1,362 @@
+"""Policy server: openpi's wire format and protocol, checked with the real ``openpi-client`` from PyPI.
+
+Servers run in subprocesses (``python -m vla_blocks.cli serve``) on free loopback ports; the actions they return are
+compared with the in-process model's ``infer`` on the same observation and noise seed (the oracle), and the wire
+format with ``openpi_client.msgpack_numpy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("websockets")
+pytest.importorskip("msgpack")
+openpi_client = pytest.importorskip("openpi_client")
+from openpi_client import msgpack_numpy as oc_msgpack  # noqa: E402
+from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
+import websockets.sync.client as ws_client  # noqa: E402
+
+from vla_blocks import create_model  # noqa: E402
+from vla_blocks.serve import (LAYOUTS, ObservationError, PolicyClient, PolicyRunner, PolicyServer,  # noqa: E402
+                              ServerError, WireError, load_layout, packb, unpackb)
+
+RECIPE = "acot-tiny"  # pi0 structure + EAR (coarse actions) + IAR: the most outputs of any servable model
+
+
+# ---------------------------------------------------------------------------------------------- wire format
+def test_wire_roundtrip_with_openpi_client():
+    obs = {"observation/image": np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3),
+           "observation/state": np.linspace(-1, 1, 8).astype(np.float32),
+           "nested": {"x": np.int64(7), "y": np.array([True, False])}, "prompt": "pick", "n": 3, "f": 0.5}
+    ours = unpackb(oc_msgpack.packb(obs))
+    theirs = oc_msgpack.unpackb(packb(obs))
+    for got in (ours, theirs):
+        np.testing.assert_array_equal(got["observation/image"], obs["observation/image"])
+        assert got["observation/image"].dtype == np.uint8
+        np.testing.assert_array_equal(got["observation/state"], obs["observation/state"])
+        assert got["nested"]["x"] == 7 and got["nested"]["x"].dtype == np.int64
+        np.testing.assert_array_equal(got["nested"]["y"], [True, False])
+        assert (got["prompt"], got["n"], got["f"]) == ("pick", 3, 0.5)
+    # torch tensors go out as arrays; non-contiguous arrays keep their logical order
+    t = torch.arange(6.0).reshape(2, 3)
+    np.testing.assert_array_equal(oc_msgpack.unpackb(packb({"t": t.T}))["t"], t.T.numpy())
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (b"\xc1", "not a msgpack message"),
+    (b"\x92\x01", "not a msgpack message"),                                        # truncated list
+    (oc_msgpack.packb({"a": np.zeros(3, np.float32)})[:-2], "not a msgpack message"),
+    (packb({b"__ndarray__": True, b"data": b"\x00" * 5, b"dtype": "<f4", b"shape": [2]}), "needs 8 bytes, got 5"),
+    (packb({b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]}), "dtype object"),
+    (packb({b"__ndarray__": True, b"data": b"", b"dtype": "nonsense", b"shape": [0]}), "unknown array dtype"),
+    (packb({b"__ndarray__": True, b"data": b"", b"dtype": "<f4"}), "'shape'"),
+])
+def test_wire_rejects_malformed(payload, needle):
+    with pytest.raises(WireError, match=needle):
+        unpackb(payload)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def _img(rng, h=6, w=5, chw=False):
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return a.transpose(2, 0, 1).copy() if chw else a
+
+
+def test_layouts_map_openpi_keys_to_frames():
+    rng = np.random.default_rng(0)
+    img, wrist, state = _img(rng), _img(rng), rng.normal(size=8).astype(np.float32)
+    f = LAYOUTS["libero"].frame({"observation/image": img, "observation/wrist_image": wrist,
+                                 "observation/state": state, "prompt": "put the bowl"})
+    # oracle: HWC uint8 -> CHW float in [0, 1] by hand
+    np.testing.assert_allclose(f["observation.images.image"], img.transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(f["observation.images.wrist_image"], wrist.transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(f["observation.state"], state)
+    assert f["task"] == "put the bowl" and f["observation.images.image"].dtype == np.float32
+
+    high = _img(rng, chw=True)  # ALOHA: nested dict, CHW, only cam_high required
+    f = LAYOUTS["aloha"].frame({"images": {"cam_high": high}, "state": np.zeros(14), "prompt": "fold"})
+    assert sorted(f) == ["observation.images.cam_high", "observation.state", "task"]
+    np.testing.assert_allclose(f["observation.images.cam_high"], high / 255.0, rtol=1e-6)
+
+    jp, gp = rng.normal(size=7), np.array([0.3])  # DROID: state = joints ++ gripper
+    f = LAYOUTS["droid"].frame({"observation/exterior_image_1_left": img, "observation/wrist_image_left": wrist,
+                                "observation/joint_position": jp, "observation/gripper_position": gp,
+                                "prompt": "wipe"})
+    np.testing.assert_allclose(f["observation.state"], np.concatenate([jp, gp]).astype(np.float32))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda o: o.pop("observation/state"), "missing observation key 'observation/state'"),
+    (lambda o: o.update({"observation/image": np.zeros((4, 4), np.uint8)}), "'observation/image'.*3 dims"),
+    (lambda o: o.update({"observation/image": np.zeros((4, 4, 4), np.uint8)}), "'observation/image'.*HWC"),
+    (lambda o: o.update({"observation/image": np.full((4, 4, 3), 2.0, np.float32)}), r"\[0, 1\]"),
+    (lambda o: o.update({"observation/state": np.full(8, np.nan)}), "'observation/state'.*NaN"),
+    (lambda o: o.update({"observation/state": np.zeros(9)}), "state of 8 values, got 9"),
+    (lambda o: o.update({"observation/state": np.array(["a"] * 8)}), "'observation/state' has dtype"),
+    (lambda o: o.update({"prompt": 3}), "'prompt' must be a string"),
+])
+def test_layout_errors_name_the_key(change, needle):
+    rng = np.random.default_rng(1)
+    obs = {"observation/image": _img(rng), "observation/wrist_image": _img(rng),
+           "observation/state": np.zeros(8, np.float32), "prompt": "x"}
+    change(obs)
+    with pytest.raises(ObservationError, match=needle):
+        LAYOUTS["libero"].frame(obs)
+
+
+def test_layout_from_yaml(tmp_path):
+    p = tmp_path / "arm.yaml"
+    p.write_text("name: arm\nimages:\n  front: {key: cam/front, layout: chw}\nstate: [q, g]\nstate_dim: 3\n"
+                 "prompt: null\n")
+    lay = load_layout(str(p))
+    rng = np.random.default_rng(2)
+    front = _img(rng, chw=True)
+    f = lay.frame({"cam": {"front": front}, "q": [1.0, 2.0], "g": 0.5}, default_prompt="go")
+    np.testing.assert_array_equal(f["observation.state"], [1.0, 2.0, 0.5])
+    assert f["task"] == "go" and "cam/front" in lay.spec()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("images: {front: cam}\nstates: [q]\n")
+    with pytest.raises(ObservationError, match=r"bad.yaml: unknown layout keys \['states'\]"):
+        load_layout(str(bad))
+    with pytest.raises(ObservationError, match="unknown observation layout 'libro'"):
+        load_layout("libro")
+
+
+# ---------------------------------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("serve") / "model"
+    create_model(RECIPE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(saved_model):
+    return create_model(f"local-dir:{saved_model}").eval()
+
+
+class _Server:
+    def __init__(self, folder, *extra):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vla_blocks.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", "0",
+             "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for line in self.proc.stdout:  # the server prints {"port": N} once it listens
+            if line.startswith("{"):
+                self.port = json.loads(line)["port"]
+                break
+        else:
+            raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(saved_model):
+    s = _Server(saved_model, "--max-batch", "8", "--batch-timeout-ms", "2")
+    yield s
+    s.close()
+
+
+def _obs(model, seed):
+    b = model.demo_batch(1, generator=torch.Generator().manual_seed(seed))
+    return {k: v[0].numpy() for k, v in b.items() if k != "actions"}, b
+
+
+def _expected(model, batch, noise_seed):
+    out = model.infer({k: v for k, v in batch.items() if k != "actions"},
+                      generator=torch.Generator().manual_seed(noise_seed))
+    return {k: v[0].numpy() for k, v in out.items()}
+
+
+def test_metadata_and_healthz(server, reference):
+    client = WebsocketClientPolicy(server.url)
+    md = client.get_server_metadata()
+    c = reference.config
+    assert md["server"] == "vla-blocks" and md["model"] == "ACoTVLA"
+    assert (md["action_horizon"], md["action_dim"], md["coarse_horizon"]) == (c.action_horizon, 7, c.ear.horizon)
+    assert md["observation_layout"] == "batch" and "images" in md["observation_spec"]
+    assert md["outputs"] == ["actions", "coarse_actions"] and md["max_batch"] == 8
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+        assert r.status == 200 and r.read() == b"OK\n"
+
+
+def test_actions_equal_in_process(server, reference):
+    client = WebsocketClientPolicy(server.url)
+    for seed, noise_seed in ((1, 11), (2, 12)):
+        obs, batch = _obs(reference, seed)
+        want = _expected(reference, batch, noise_seed)
+        got = client.infer({**obs, "noise_seed": noise_seed})
+        assert got["actions"].shape == (reference.config.action_horizon, 7)
+        np.testing.assert_allclose(got["actions"], want["actions"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["coarse_actions"], want["coarse_actions"], rtol=1e-5, atol=1e-6)
+        assert got["noise_seed"] == noise_seed
+        assert got["server_timing"]["infer_ms"] > 0 and got["server_timing"]["batch_size"] == 1
+    # same seed, same actions; no seed: the server draws one and reports it
+    again = client.infer({**obs, "noise_seed": 12})
+    np.testing.assert_array_equal(again["actions"], got["actions"])
+    drawn = client.infer(obs)
+    np.testing.assert_allclose(drawn["actions"], _expected(reference, batch, drawn["noise_seed"])["actions"],
+                               rtol=1e-5, atol=1e-6)
+    assert "prev_total_ms" in drawn["server_timing"]
+
+
+def test_bad_messages_get_error_replies_and_connection_survives(server, reference):
+    obs, batch = _obs(reference, 3)
+    bad = [
+        ({k: v for k, v in obs.items() if k != "state"}, "missing observation key 'state'"),
+        ({**obs, "images": obs["images"][:2]}, "'images' has shape"),
+        ({**obs, "state": obs["state"].astype(np.complex64)}, "complex"),
+        ({**obs, "image_masks": obs["image_masks"].astype(np.float32)}, "'image_masks' must be a bool array"),
+        ({**obs, "state": np.full_like(obs["state"], np.nan)}, "'state' contains NaN"),
+        ({**obs, "tokenized_prompt": obs["tokenized_prompt"] + 10_000}, "ids outside"),
+        ({**obs, "noise_seed": -1}, "'noise_seed' must be an int"),
+        ([1, 2, 3], "must be a dict"),
+    ]
+    client = WebsocketClientPolicy(server.url)
+    for message, needle in bad:
+        if message is not None and isinstance(message, dict) and message.get("state") is not None \
+                and message["state"].dtype.kind == "c":
+            # openpi's packer refuses complex arrays itself: send the tagged map by hand
+            raw = packb({**{k: v for k, v in message.items() if k != "state"},
+                         "state": {b"__ndarray__": True, b"data": message["state"].tobytes(), b"dtype": "<c8",
+                                   b"shape": [8]}})
+            client._ws.send(raw)
+            reply = client._ws.recv()
+            assert isinstance(reply, str) and needle in reply
+            continue
+        with pytest.raises(RuntimeError, match=needle):
+            client.infer(message)
+    # raw bytes that are not msgpack, and a text frame
+    for raw, needle in ((b"\xc1\xc1", "not a msgpack message"), ("hello", "text frame")):
+        client._ws.send(raw)
+        reply = client._ws.recv()
+        assert isinstance(reply, str) and needle in reply
+    # still usable, and still right
+    got = client.infer({**obs, "noise_seed": 5})
+    np.testing.assert_allclose(got["actions"], _expected(reference, batch, 5)["actions"], rtol=1e-5, atol=1e-6)
+
+
+def test_disconnect_mid_request_does_not_disturb_the_server(server, reference):
+    obs, batch = _obs(reference, 4)
+    for _ in range(3):
+        ws = ws_client.connect(server.url, compression=None, max_size=None)
+        ws.recv()  # metadata
+        ws.send(packb({**obs, "noise_seed": 1}))
+        ws.close()  # gone before the reply
+    ws = ws_client.connect(server.url, compression=None, max_size=None)
+    ws.recv()
+    ws.send(oc_msgpack.packb({**obs, "noise_seed": 1}))
+    ws.socket.close()  # abrupt: no closing handshake
+    with PolicyClient(server.url) as c:
+        got = c.infer({**obs, "noise_seed": 9})
+        np.testing.assert_allclose(got["actions"], _expected(reference, batch, 9)["actions"], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ServerError, match="missing observation key"):
+            c.infer({})
+    assert server.proc.poll() is None
+
+
+def test_eight_concurrent_clients_share_one_forward_pass(saved_model, reference):
+    # a long batch timeout: the first request waits until all 8 arrived, so the batch is full by construction
+    srv = _Server(saved_model, "--max-batch", "8", "--batch-timeout-ms", "20000")
+    try:
+        n = 8
+        clients = [WebsocketClientPolicy(srv.url) for _ in range(n)]
+        cases = [_obs(reference, 100 + i) for i in range(n)]
+        results: list = [None] * n
+        barrier = threading.Barrier(n)
+
+        def work(i):
+            barrier.wait()
+            results[i] = clients[i].infer({**cases[i][0], "noise_seed": 1000 + i})
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i, r in enumerate(results):
+            assert r is not None, f"client {i} got no reply"
+            assert r["server_timing"]["batch_size"] == n
+            want = _expected(reference, cases[i][1], 1000 + i)
+            np.testing.assert_allclose(r["actions"], want["actions"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(r["coarse_actions"], want["coarse_actions"], rtol=1e-4, atol=1e-5)
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+class _FailingRunner(PolicyRunner):
+    """Raises inside the forward pass for one noise seed: an internal error, not a bad observation."""
+
+    def run(self, items):
+        if any(it.seed == 666 for it in items):
+            raise RuntimeError("boom in the forward pass")
+        return super().run(items)
+
+
+def test_internal_error_closes_with_1011_and_spares_other_clients(reference):
+    server = PolicyServer(_FailingRunner(reference), "127.0.0.1", 0, max_batch=4, batch_timeout_ms=2000)
+    port = server.start()
+    try:
+        obs, batch = _obs(reference, 5)
+        good, badc = WebsocketClientPolicy(f"127.0.0.1:{port}"), WebsocketClientPolicy(f"127.0.0.1:{port}")
+        out: dict = {}
+
+        def send_good():
+            out["good"] = good.infer({**obs, "noise_seed": 3})
+
+        t = threading.Thread(target=send_good)
+        t.start()
+        with pytest.raises(RuntimeError, match="boom in the forward pass"):
+            badc.infer({**obs, "noise_seed": 666})   # same batch as the good request, which is re-run alone
+        t.join(60)
+        np.testing.assert_allclose(out["good"]["actions"], _expected(reference, batch, 3)["actions"],
+                                   rtol=1e-5, atol=1e-6)
+        import websockets
+        with pytest.raises(websockets.ConnectionClosedError) as e:
+            badc._ws.recv()
+        assert e.value.rcvd.code == 1011
+        assert good.infer({**obs, "noise_seed": 3})["actions"].shape == (reference.config.action_horizon, 7)
+    finally:
+        server.stop()
+
+
+def test_runner_batch_equals_single_requests(reference):
+    runner = PolicyRunner(reference)
+    items = [runner.prepare({**_obs(reference, 20 + i)[0], "noise_seed": 50 + i}) for i in range(3)]
+    batched = runner.run(items)
+    for it, b in zip(items, batched):
+        single = runner.run([it])[0]
+        np.testing.assert_allclose(b["actions"], single["actions"], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_print_spec_and_errors(saved_model, capsys):
+    from vla_blocks.cli import main
+    assert main(["serve", str(saved_model), "--print-spec", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenized_prompt: int64 array [8]" in out and "noise_seed" in out
+    for args, needle in ((["no-such-recipe"], "no-such-recipe"),
+                         ([str(saved_model), "--max-batch", "0"], "--max-batch must be >= 1"),
+                         ([str(saved_model), "--observation", "libro"], "unknown observation layout 'libro'")):
+        assert main(["serve", *args, "--print-spec"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
