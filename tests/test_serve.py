@@ -132,17 +132,30 @@ def test_layout_from_yaml(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- servers
+STATS = {"observation.state": {"mean": np.linspace(-0.5, 0.5, 8), "std": np.linspace(0.5, 2.0, 8)},
+         "action": {"mean": np.linspace(1.0, -1.0, 7), "std": np.linspace(0.2, 3.0, 7)}}
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
+    """acot-tiny with its processor (LIBERO cameras, dataset statistics) saved in one folder, as training leaves it."""
+    from vla_blocks.data import make_processor
+    from vla_blocks.serve.cli import layout_features
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("serve") / "model"
-    create_model(RECIPE).save_pretrained(folder)
+    model = create_model(RECIPE)
+    proc = make_processor(model, layout_features(LAYOUTS["libero"], model), stats=STATS)  # installs the stats
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def reference(saved_model):
-    return create_model(f"local-dir:{saved_model}").eval()
+    """The in-process policy: the saved model and processor, loaded independently of the server code."""
+    from vla_blocks.data import PolicyProcessor
+    model = create_model(f"local-dir:{saved_model}").eval()
+    return model, PolicyProcessor.from_pretrained(saved_model, model=model).eval()
 
 
 class _Server:
@@ -170,29 +183,39 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def server(saved_model):
-    s = _Server(saved_model, "--max-batch", "8", "--batch-timeout-ms", "2")
+    s = _Server(saved_model, "--observation", "libero", "--max-batch", "8", "--batch-timeout-ms", "2")
     yield s
     s.close()
 
 
-def _obs(model, seed):
-    b = model.demo_batch(1, generator=torch.Generator().manual_seed(seed))
-    return {k: v[0].numpy() for k, v in b.items() if k != "actions"}, b
+def libero_obs(seed: int, size=(40, 36)) -> dict:
+    """What openpi's LIBERO client sends: two HWC uint8 images, an 8-d state, the task."""
+    rng = np.random.default_rng(seed)
+    return {"observation/image": rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+            "observation/wrist_image": rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+            "observation/state": rng.normal(size=8).astype(np.float32),
+            "prompt": ["put the bowl on the plate", "open the drawer", "pick up the mug"][seed % 3]}
 
 
-def _expected(model, batch, noise_seed):
-    out = model.infer({k: v for k, v in batch.items() if k != "actions"},
-                      generator=torch.Generator().manual_seed(noise_seed))
-    return {k: v[0].numpy() for k, v in out.items()}
+def expected(reference, obs: dict, noise_seed: int) -> dict:
+    """In-process: the LIBERO frame built by hand (HWC uint8 -> CHW float / 255), the processor, ``model.infer``
+    with a generator seeded ``noise_seed``, the processor's inverse."""
+    model, proc = reference
+    frame = {"observation.images.image": torch.from_numpy(obs["observation/image"]).permute(2, 0, 1).float() / 255,
+             "observation.images.wrist_image":
+                 torch.from_numpy(obs["observation/wrist_image"]).permute(2, 0, 1).float() / 255,
+             "observation.state": torch.from_numpy(obs["observation/state"]), "task": obs["prompt"]}
+    out = model.infer(proc(frame), generator=torch.Generator().manual_seed(noise_seed))
+    return {k: proc.postprocess(v)[0].numpy() for k, v in out.items()}
 
 
 def test_metadata_and_healthz(server, reference):
     client = WebsocketClientPolicy(server.url)
     md = client.get_server_metadata()
-    c = reference.config
+    c = reference[0].config
     assert md["server"] == "vla-blocks" and md["model"] == "ACoTVLA"
     assert (md["action_horizon"], md["action_dim"], md["coarse_horizon"]) == (c.action_horizon, 7, c.ear.horizon)
-    assert md["observation_layout"] == "batch" and "images" in md["observation_spec"]
+    assert md["observation_layout"] == "libero" and "observation/wrist_image" in md["observation_spec"]
     assert md["outputs"] == ["actions", "coarse_actions"] and md["max_batch"] == 8
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
         assert r.status == 200 and r.read() == b"OK\n"
@@ -200,62 +223,58 @@ def test_metadata_and_healthz(server, reference):
 
 def test_actions_equal_in_process(server, reference):
     client = WebsocketClientPolicy(server.url)
+    H = reference[0].config.action_horizon
     for seed, noise_seed in ((1, 11), (2, 12)):
-        obs, batch = _obs(reference, seed)
-        want = _expected(reference, batch, noise_seed)
+        obs = libero_obs(seed)
+        want = expected(reference, obs, noise_seed)
         got = client.infer({**obs, "noise_seed": noise_seed})
-        assert got["actions"].shape == (reference.config.action_horizon, 7)
-        np.testing.assert_allclose(got["actions"], want["actions"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got["coarse_actions"], want["coarse_actions"], rtol=1e-5, atol=1e-6)
+        assert got["actions"].shape == (H, 7) and got["actions"].dtype == np.float32
+        np.testing.assert_allclose(got["actions"], want["actions"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["coarse_actions"], want["coarse_actions"], rtol=1e-5, atol=1e-5)
         assert got["noise_seed"] == noise_seed
         assert got["server_timing"]["infer_ms"] > 0 and got["server_timing"]["batch_size"] == 1
-    # same seed, same actions; no seed: the server draws one and reports it
+    # the dataset statistics are in play: actions come out in the raw space (mean 1 .. -1, std 0.2 .. 3)
+    assert np.abs(got["actions"]).max() > 0.5
     again = client.infer({**obs, "noise_seed": 12})
     np.testing.assert_array_equal(again["actions"], got["actions"])
-    drawn = client.infer(obs)
-    np.testing.assert_allclose(drawn["actions"], _expected(reference, batch, drawn["noise_seed"])["actions"],
-                               rtol=1e-5, atol=1e-6)
+    drawn = client.infer(obs)  # no seed: the server draws one and reports it
+    np.testing.assert_allclose(drawn["actions"], expected(reference, obs, drawn["noise_seed"])["actions"],
+                               rtol=1e-5, atol=1e-5)
     assert "prev_total_ms" in drawn["server_timing"]
 
 
 def test_bad_messages_get_error_replies_and_connection_survives(server, reference):
-    obs, batch = _obs(reference, 3)
+    obs = libero_obs(3)
     bad = [
-        ({k: v for k, v in obs.items() if k != "state"}, "missing observation key 'state'"),
-        ({**obs, "images": obs["images"][:2]}, "'images' has shape"),
-        ({**obs, "state": obs["state"].astype(np.complex64)}, "complex"),
-        ({**obs, "image_masks": obs["image_masks"].astype(np.float32)}, "'image_masks' must be a bool array"),
-        ({**obs, "state": np.full_like(obs["state"], np.nan)}, "'state' contains NaN"),
-        ({**obs, "tokenized_prompt": obs["tokenized_prompt"] + 10_000}, "ids outside"),
+        ({k: v for k, v in obs.items() if k != "observation/state"}, "missing observation key 'observation/state'"),
+        ({**obs, "observation/image": obs["observation/image"][..., 0]}, "'observation/image'.*3 dims"),
+        ({**obs, "observation/image": obs["observation/image"][..., :2]}, "'observation/image'.*3 channels"),
+        ({**obs, "observation/image": obs["observation/image"] * 2.0}, r"'observation/image'.*\[0, 1\]"),
+        ({**obs, "observation/state": np.array(["x"] * 8)}, "'observation/state' has dtype"),
+        ({**obs, "observation/state": np.full(8, np.nan, np.float32)}, "'observation/state' contains NaN"),
+        ({**obs, "observation/state": np.zeros(6, np.float32)}, "state of 8 values, got 6"),
+        ({**obs, "prompt": 7}, "'prompt' must be a string"),
         ({**obs, "noise_seed": -1}, "'noise_seed' must be an int"),
         ([1, 2, 3], "must be a dict"),
     ]
     client = WebsocketClientPolicy(server.url)
     for message, needle in bad:
-        if message is not None and isinstance(message, dict) and message.get("state") is not None \
-                and message["state"].dtype.kind == "c":
-            # openpi's packer refuses complex arrays itself: send the tagged map by hand
-            raw = packb({**{k: v for k, v in message.items() if k != "state"},
-                         "state": {b"__ndarray__": True, b"data": message["state"].tobytes(), b"dtype": "<c8",
-                                   b"shape": [8]}})
-            client._ws.send(raw)
-            reply = client._ws.recv()
-            assert isinstance(reply, str) and needle in reply
-            continue
         with pytest.raises(RuntimeError, match=needle):
             client.infer(message)
-    # raw bytes that are not msgpack, and a text frame
-    for raw, needle in ((b"\xc1\xc1", "not a msgpack message"), ("hello", "text frame")):
+    # openpi's packer refuses complex arrays itself: a hand-made tagged map; raw bytes that are not msgpack; text
+    complex_state = packb({**obs, "observation/state": {b"__ndarray__": True, b"data": b"\x00" * 64,
+                                                        b"dtype": "<c8", b"shape": [8]}})
+    for raw, needle in ((complex_state, "complex"), (b"\xc1\xc1", "not a msgpack message"),
+                        ("hello", "text frame")):
         client._ws.send(raw)
         reply = client._ws.recv()
-        assert isinstance(reply, str) and needle in reply
-    # still usable, and still right
-    got = client.infer({**obs, "noise_seed": 5})
-    np.testing.assert_allclose(got["actions"], _expected(reference, batch, 5)["actions"], rtol=1e-5, atol=1e-6)
+        assert isinstance(reply, str) and needle in reply, reply
+    got = client.infer({**obs, "noise_seed": 5})  # still usable, and still right
+    np.testing.assert_allclose(got["actions"], expected(reference, obs, 5)["actions"], rtol=1e-5, atol=1e-5)
 
 
 def test_disconnect_mid_request_does_not_disturb_the_server(server, reference):
-    obs, batch = _obs(reference, 4)
+    obs = libero_obs(4)
     for _ in range(3):
         ws = ws_client.connect(server.url, compression=None, max_size=None)
         ws.recv()  # metadata
@@ -265,9 +284,9 @@ def test_disconnect_mid_request_does_not_disturb_the_server(server, reference):
     ws.recv()
     ws.send(oc_msgpack.packb({**obs, "noise_seed": 1}))
     ws.socket.close()  # abrupt: no closing handshake
-    with PolicyClient(server.url) as c:
-        got = c.infer({**obs, "noise_seed": 9})
-        np.testing.assert_allclose(got["actions"], _expected(reference, batch, 9)["actions"], rtol=1e-5, atol=1e-6)
+    with PolicyClient(server.url) as c:  # the helper evaluation code uses
+        np.testing.assert_allclose(c.predict_action_chunk({**obs, "noise_seed": 9}),
+                                   expected(reference, obs, 9)["actions"], rtol=1e-5, atol=1e-5)
         with pytest.raises(ServerError, match="missing observation key"):
             c.infer({})
     assert server.proc.poll() is None
@@ -279,13 +298,13 @@ def test_eight_concurrent_clients_share_one_forward_pass(saved_model, reference)
     try:
         n = 8
         clients = [WebsocketClientPolicy(srv.url) for _ in range(n)]
-        cases = [_obs(reference, 100 + i) for i in range(n)]
+        cases = [libero_obs(100 + i) for i in range(n)]
         results: list = [None] * n
         barrier = threading.Barrier(n)
 
         def work(i):
             barrier.wait()
-            results[i] = clients[i].infer({**cases[i][0], "noise_seed": 1000 + i})
+            results[i] = clients[i].infer({**cases[i], "noise_seed": 1000 + i})
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
         for t in threads:
@@ -295,14 +314,19 @@ def test_eight_concurrent_clients_share_one_forward_pass(saved_model, reference)
         for i, r in enumerate(results):
             assert r is not None, f"client {i} got no reply"
             assert r["server_timing"]["batch_size"] == n
-            want = _expected(reference, cases[i][1], 1000 + i)
-            np.testing.assert_allclose(r["actions"], want["actions"], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(r["coarse_actions"], want["coarse_actions"], rtol=1e-4, atol=1e-5)
+            want = expected(reference, cases[i], 1000 + i)
+            np.testing.assert_allclose(r["actions"], want["actions"], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(r["coarse_actions"], want["coarse_actions"], rtol=1e-4, atol=1e-4)
     finally:
         srv.close()
 
 
 # ---------------------------------------------------------------------------------------------- in-process
+def batch_obs(model, seed):
+    b = model.demo_batch(1, generator=torch.Generator().manual_seed(seed))
+    return {k: v[0].numpy() for k, v in b.items() if k != "actions"}, {k: v for k, v in b.items() if k != "actions"}
+
+
 class _FailingRunner(PolicyRunner):
     """Raises inside the forward pass for one noise seed: an internal error, not a bad observation."""
 
@@ -313,10 +337,12 @@ class _FailingRunner(PolicyRunner):
 
 
 def test_internal_error_closes_with_1011_and_spares_other_clients(reference):
-    server = PolicyServer(_FailingRunner(reference), "127.0.0.1", 0, max_batch=4, batch_timeout_ms=2000)
+    model = reference[0]
+    server = PolicyServer(_FailingRunner(model), "127.0.0.1", 0, max_batch=4, batch_timeout_ms=2000)
     port = server.start()
     try:
-        obs, batch = _obs(reference, 5)
+        obs, batch = batch_obs(model, 5)
+        want = model.infer(batch, generator=torch.Generator().manual_seed(3))["actions"][0].numpy()
         good, badc = WebsocketClientPolicy(f"127.0.0.1:{port}"), WebsocketClientPolicy(f"127.0.0.1:{port}")
         out: dict = {}
 
@@ -328,30 +354,53 @@ def test_internal_error_closes_with_1011_and_spares_other_clients(reference):
         with pytest.raises(RuntimeError, match="boom in the forward pass"):
             badc.infer({**obs, "noise_seed": 666})   # same batch as the good request, which is re-run alone
         t.join(60)
-        np.testing.assert_allclose(out["good"]["actions"], _expected(reference, batch, 3)["actions"],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["good"]["actions"], want, rtol=1e-5, atol=1e-6)
         import websockets
         with pytest.raises(websockets.ConnectionClosedError) as e:
             badc._ws.recv()
         assert e.value.rcvd.code == 1011
-        assert good.infer({**obs, "noise_seed": 3})["actions"].shape == (reference.config.action_horizon, 7)
+        np.testing.assert_allclose(good.infer({**obs, "noise_seed": 3})["actions"], want, rtol=1e-5, atol=1e-6)
     finally:
         server.stop()
 
 
-def test_runner_batch_equals_single_requests(reference):
-    runner = PolicyRunner(reference)
-    items = [runner.prepare({**_obs(reference, 20 + i)[0], "noise_seed": 50 + i}) for i in range(3)]
-    batched = runner.run(items)
-    for it, b in zip(items, batched):
-        single = runner.run([it])[0]
-        np.testing.assert_allclose(b["actions"], single["actions"], rtol=1e-4, atol=1e-5)
+def test_batch_layout_runner(reference):
+    """``--observation batch``: clients send the model's own batch keys; checked against ``model.demo_batch``."""
+    model = reference[0]
+    runner = PolicyRunner(model)
+    assert set(runner.spec()) == {"images", "image_masks", "tokenized_prompt", "tokenized_prompt_mask", "state",
+                                  "noise_seed"}
+    cases = [batch_obs(model, 20 + i) for i in range(3)]
+    items = [runner.prepare({**o, "noise_seed": 50 + i}) for i, (o, _) in enumerate(cases)]
+    for (o, b), r, i in zip(cases, runner.run(items), range(3)):  # batched = each alone with its seed
+        want = model.infer(b, generator=torch.Generator().manual_seed(50 + i))
+        np.testing.assert_allclose(r["actions"], want["actions"][0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r["coarse_actions"], want["coarse_actions"][0].numpy(), rtol=1e-4, atol=1e-5)
+    o = cases[0][0]
+    for change, needle in (({"images": o["images"][:2]}, "'images' has shape"),
+                           ({"image_masks": o["image_masks"].astype(np.float32)}, "must be a bool array"),
+                           ({"state": np.full(8, np.inf, np.float32)}, "'state' contains NaN or infinite"),
+                           ({"tokenized_prompt": o["tokenized_prompt"] + 10_000}, "ids outside")):
+        with pytest.raises(ObservationError, match=needle):
+            runner.prepare({**o, **change})
+
+
+def test_processor_rejection_is_an_observation_error(reference):
+    from vla_blocks.serve.layouts import ImageSpec, ObservationLayout
+    model, proc = reference
+    only_front = ObservationLayout("front", {"image": ImageSpec("observation/image")}, ("observation/state",))
+    runner = PolicyRunner(model, proc, only_front)  # the processor also wants the wrist camera
+    with pytest.raises(ObservationError, match="processor rejected.*wrist_image"):
+        runner.infer(libero_obs(0))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_print_spec_and_errors(saved_model, capsys):
     from vla_blocks.cli import main
     assert main(["serve", str(saved_model), "--print-spec", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "observation/wrist_image: image HWC" in out and "observation.images.wrist_image" in out
+    assert main(["serve", str(saved_model), "--print-spec", "--observation", "batch"]) == 0
     out = capsys.readouterr().out
     assert "tokenized_prompt: int64 array [8]" in out and "noise_seed" in out
     for args, needle in ((["no-such-recipe"], "no-such-recipe"),

@@ -9,7 +9,7 @@ import sys
 __all__ = ["add_arguments", "run", "load_runner"]
 
 
-def load_runner(model_ref: str, observation: str = "batch", *, device: str = "cpu", prompt: str | None = None,
+def load_runner(model_ref: str, observation: str = "libero", *, device: str = "cpu", prompt: str | None = None,
                 seed: int = 0, overrides: list[str] | None = None):
     """Load ``model_ref`` (recipe name/path, ``local-dir:``, ``hf-hub:`` or a saved folder) and build its runner.
 
@@ -30,19 +30,43 @@ def load_runner(model_ref: str, observation: str = "batch", *, device: str = "cp
     return PolicyRunner(model, processor, layout, default_prompt=prompt, seed=seed)
 
 
+def layout_features(layout, model) -> dict:
+    """lerobot ``features`` of the frames ``layout`` builds, for ``make_processor`` (cameras in layout order)."""
+    from .layouts import IMAGE_PREFIX, STATE_KEY
+    c = model.config
+    size = getattr(getattr(model, "vision_tower", None), "image_size", None)
+    feats = {IMAGE_PREFIX + cam: {"dtype": "image", "shape": [3, size, size], "names": ["channel", "height", "width"]}
+             for cam in layout.images}
+    if layout.state:
+        feats[STATE_KEY] = {"dtype": "float32", "shape": [layout.state_dim or c.state_dim or c.action_dim]}
+    feats["action"] = {"dtype": "float32", "shape": [c.real_action_dim or c.action_dim]}
+    return feats
+
+
 def load_processor(model, model_ref: str, layout):
-    """The model's processor: saved beside a model folder, else built from the model's recipe."""
+    """The model's processor: the one saved beside a model folder (its statistics are installed into the model),
+    else one built from the model's recipe for ``layout``'s cameras (in layout order) and state."""
     try:
-        from .. import data
+        from ..data import PolicyProcessor, make_processor
     except ImportError as e:
-        raise ValueError(f"the {layout.name!r} observation layout needs the model's processor (vla_blocks.data), "
-                         f"which this installation lacks ({e}); use --observation batch") from e
+        raise ValueError(f"the {layout.name!r} observation layout needs the model's processor: "
+                         f"pip install 'vla-blocks[data]' ({e}); or use --observation batch") from e
     if os.path.isdir(model_ref):
         try:
-            return data.PolicyProcessor.from_pretrained(model_ref)
+            proc = PolicyProcessor.from_pretrained(model_ref, model=model)
         except FileNotFoundError:
-            pass
-    return data.make_processor(model)
+            proc = None
+        if proc is not None:
+            from .layouts import IMAGE_PREFIX
+            have = {IMAGE_PREFIX + cam for cam in layout.images}
+            missing = [c for c in proc.config.cameras if c is not None and c not in have]
+            if missing:
+                raise ValueError(f"the processor saved in {model_ref} reads cameras {missing}, which the "
+                                 f"{layout.name!r} layout does not provide (it gives {sorted(have)}): pass a layout "
+                                 f"YAML that names them")
+            return proc.eval()
+    state_key = "observation.state" if layout.state else None
+    return make_processor(model, layout_features(layout, model), state_key=state_key).eval()
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -50,9 +74,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--observation", default="batch", metavar="LAYOUT",
+    p.add_argument("--observation", default="libero", metavar="LAYOUT",
                    help="observation layout: libero | aloha | droid | FILE.yaml (frames through the model's "
-                        "processor) or batch (clients send the model's batch keys); default batch")
+                        "processor: the one saved in the model folder, else one made from the recipe) or batch "
+                        "(clients send the model's batch keys, no processor); default libero")
     p.add_argument("--prompt", default=None, help="task for observations that carry no prompt")
     p.add_argument("--max-batch", type=int, default=8, help="most requests per forward pass (1: no batching)")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0,

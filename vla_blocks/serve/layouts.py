@@ -12,7 +12,8 @@ Built-in layouts (openpi's ``examples/*/main.py`` clients):
 
 ========  =====================================================================================================
 libero    ``observation/image``, ``observation/wrist_image`` (HWC uint8), ``observation/state`` [8], ``prompt``
-aloha     ``images/{cam_high,cam_low,cam_left_wrist,cam_right_wrist}`` (CHW uint8), ``state`` [14], ``prompt``
+aloha     ``images/cam_high`` (+ optional ``cam_left_wrist``, ``cam_right_wrist``, ``cam_low``; CHW uint8),
+          ``state`` [14], ``prompt``
 droid     ``observation/exterior_image_1_left``, ``observation/wrist_image_left`` (HWC uint8),
           ``observation/joint_position`` [7] + ``observation/gripper_position`` [1] → state [8], ``prompt``
 ========  =====================================================================================================
@@ -254,8 +255,8 @@ LAYOUTS: dict[str, ObservationLayout] = {
                    "wrist_image": ImageSpec("observation/wrist_image", "hwc")},
         state=("observation/state",), state_dim=8),
     "aloha": ObservationLayout(
-        "aloha", {cam: ImageSpec(f"images/{cam}", "chw")
-                  for cam in ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")},
+        "aloha", {cam: ImageSpec(f"images/{cam}", "chw")  # openpi's pi0 slots: high, left wrist, right wrist
+                  for cam in ("cam_high", "cam_left_wrist", "cam_right_wrist", "cam_low")},
         state=("state",), state_dim=14, optional_images=("cam_low", "cam_left_wrist", "cam_right_wrist")),
     "droid": ObservationLayout(
         "droid", {"exterior_image_1_left": ImageSpec("observation/exterior_image_1_left", "hwc"),

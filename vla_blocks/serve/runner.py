@@ -96,7 +96,8 @@ class PolicyRunner:
         return {
             "model": type(self.model).__name__,
             "action_horizon": int(c.action_horizon),
-            "action_dim": int(c.real_action_dim or c.action_dim),
+            "action_dim": int(getattr(getattr(self.processor, "config", None), "real_action_dim", None)
+                              or c.real_action_dim or c.action_dim),
             "coarse_horizon": self.coarse_horizon,
             "observation_layout": self.layout_name,
             "observation_spec": self.spec(),
@@ -185,11 +186,15 @@ class PolicyRunner:
         """One forward pass over ``items`` (same group); one reply dict of numpy arrays per item."""
         if not items:
             return []
-        batch = self._to_device(self.collate([it.sample for it in items]))
-        out = self.model.infer(batch, **self.noise([it.seed for it in items]))
-        if self.processor is not None:
-            out = dict(out)
-            out["actions"] = self.processor.postprocess(out["actions"])
+        try:
+            batch = self.collate([it.sample for it in items])
+        except (KeyError, ValueError, TypeError) as e:  # the processor names what it could not use
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ObservationError(f"the processor rejected the observation: {msg}") from e
+        out = self.model.infer(self._to_device(batch), **self.noise([it.seed for it in items]))
+        if self.processor is not None:  # model space -> the dataset's raw action space
+            out = {k: self.processor.postprocess(v) if k in ("actions", "coarse_actions") else v
+                   for k, v in out.items()}
         replies = []
         for i, it in enumerate(items):
             reply = {}
