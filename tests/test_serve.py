@@ -409,3 +409,24 @@ def test_cli_print_spec_and_errors(saved_model, capsys):
         assert main(["serve", *args, "--print-spec"]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@pytest.mark.slow
+def test_bench_serve_smoke(tmp_path):
+    """``vla-blocks bench serve --smoke`` writes consistent results (timings are recorded, never asserted)."""
+    from vla_blocks.cli import main
+    assert main(["bench", "serve", "--smoke", "--out", str(tmp_path), "--quiet", "--set", "requests=8"]) == 0
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    p = json.loads((folder / "serve.json").read_text())
+    assert p["suite"] == "serve" and p["smoke"] is True and (folder / "serve.md").is_file()
+    o, th = p["overhead"], p["throughput"]
+    assert o["max_abs_diff_vs_in_process"] == 0.0  # the server's reply is the in-process runner's, bit for bit
+    assert o["overhead_ms"] == pytest.approx(o["round_trip"]["median_ms"] - o["in_process"]["median_ms"])
+    for name, clients in (("sequential", 1), ("concurrent_batching", 8), ("concurrent_no_batching", 8)):
+        r = th[name]
+        assert r["clients"] == clients and r["requests"] == 8
+        assert r["req_per_s"] == pytest.approx(r["requests"] / r["wall_s"])
+    assert th["sequential"]["max_batch_seen"] == 1 and th["concurrent_no_batching"]["max_batch_seen"] == 1
+    assert 1 <= th["concurrent_batching"]["mean_batch"] <= 8
+    assert th["ratio"] == pytest.approx(th["concurrent_batching"]["req_per_s"] / th["sequential"]["req_per_s"])

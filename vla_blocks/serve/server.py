@@ -15,7 +15,8 @@ Protocol (what ``openpi_client.WebsocketClientPolicy`` speaks):
 - ``GET /healthz`` answers 200 ``OK``.
 
 Batching: requests are queued; the batcher takes the first, waits up to ``batch_timeout_ms`` for more (up to
-``max_batch``), and runs them in one forward pass on a worker thread while the event loop keeps receiving.
+``max_batch``; it stops waiting once every open connection has a request in the batch, so a lone client never
+waits), and runs them in one forward pass on a worker thread while the event loop keeps receiving.
 Requests that queued up during a pass go into the next one without waiting. A batch that fails is re-run one
 request at a time, so one bad request fails alone.
 """
@@ -86,6 +87,7 @@ class PolicyServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.stats = {"requests": 0, "batches": 0, "errors": 0}
+        self._connections = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def serve_forever(self, on_ready=None):
@@ -143,6 +145,7 @@ class PolicyServer:
     async def _handler(self, ws):
         peer = getattr(ws, "remote_address", None)
         prev_total_ms = None
+        self._connections += 1
         try:
             await ws.send(packb(self.metadata))
             async for message in ws:
@@ -176,6 +179,8 @@ class PolicyServer:
                 prev_total_ms = (time.perf_counter() - t0) * 1000.0
         except websockets.ConnectionClosed:
             logger.info("connection from %s closed", peer)
+        finally:
+            self._connections -= 1
 
     # -- batching ----------------------------------------------------------------------------------------
     async def _batcher(self):
@@ -187,6 +192,8 @@ class PolicyServer:
                 if not q.empty():
                     reqs.append(q.get_nowait())
                     continue
+                if len(reqs) >= self._connections:  # every open connection is in this batch: nobody to wait for
+                    break
                 remaining = deadline - self._loop.time()
                 if remaining <= 0:
                     break
