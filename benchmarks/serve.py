@@ -78,6 +78,8 @@ class ServerProcess:
             raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
 
     def close(self):
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -142,12 +144,14 @@ def run(ctx) -> dict:
         runner = load_runner(folder, "libero")
         obs = observation(1, s["image"])
         want = runner.infer(obs)["actions"]
-        # 1. overhead, on the batching server (a lone client never waits for a batch)
-        srv = ServerProcess(folder, "--max-batch", str(s["max_batch"]), "--batch-timeout-ms", str(s["batch_timeout_ms"]))
+        # 1. overhead, on the batching server (a lone client never waits for a batch); forward passes on the event
+        #    loop (the default) and, for comparison, on a worker thread (--inference-thread)
+        args = ("--max-batch", str(s["max_batch"]), "--batch-timeout-ms", str(s["batch_timeout_ms"]))
+        srv = ServerProcess(folder, *args)
+        srv_thread = ServerProcess(folder, *args, "--inference-thread")
         try:
-            client = PolicyClient(srv.url)
-            got = client.infer(obs)
-            max_diff = float(np.abs(got["actions"] - want).max())
+            client, client_thread = PolicyClient(srv.url), PolicyClient(srv_thread.url)
+            max_diff = max(float(np.abs(c.infer(obs)["actions"] - want).max()) for c in (client, client_thread))
             paired: list[tuple[float, float]] = []  # (round trip, server forward) of each timed request
 
             def remote():
@@ -156,9 +160,12 @@ def run(ctx) -> dict:
                 paired.append(((time.perf_counter() - t0) * 1000.0, r["server_timing"]["infer_ms"]))
 
             ctx.log(f"overhead: {s['recipe']}, {s['image']}² images, in-process vs server round trip")
-            t = ctx.time_interleaved({"in_process": lambda: runner.infer(obs), "round_trip": remote},
+            t = ctx.time_interleaved({"in_process": lambda: runner.infer(obs), "round_trip": remote,
+                                      "round_trip_inference_thread": lambda: client_thread.infer(obs)},
                                      min_reps=60, max_reps=300, min_time_s=6.0)
             client.close()
+            client_thread.close()
+            srv_thread.close()
             seq = throughput(srv.url, 1, s["requests"], s["image"])
             ctx.log(f"sequential: {seq['req_per_s']:.1f} req/s")
             conc = throughput(srv.url, s["clients"], s["requests"], s["image"])
@@ -166,6 +173,7 @@ def run(ctx) -> dict:
                     f"{conc['mean_batch']:.2f})")
         finally:
             srv.close()
+            srv_thread.close()
         srv = ServerProcess(folder, "--max-batch", "1")
         try:
             conc_off = throughput(srv.url, s["clients"], s["requests"], s["image"])
@@ -180,6 +188,9 @@ def run(ctx) -> dict:
     return {
         "settings": s,
         "overhead": {"in_process": t["in_process"], "round_trip": t["round_trip"],
+                     "round_trip_inference_thread": t["round_trip_inference_thread"],
+                     "overhead_inference_thread_ms":
+                         t["round_trip_inference_thread"]["median_ms"] - t["in_process"]["median_ms"],
                      "server_infer_median_ms": statistics.median(p[1] for p in paired),
                      "transport_median_ms": statistics.median(p[0] - p[1] for p in paired),
                      "overhead_ms": overhead, "overhead_min_ms": overhead_min, "target_ms": TARGET_OVERHEAD_MS,
@@ -198,6 +209,8 @@ def summary_markdown(payload: dict) -> str:
              f"{fmt_num(o['overhead_ms'])} / {fmt_num(o['overhead_min_ms'])} ms",
              f"round trip {fmt_ms(o['round_trip'])}, in-process {fmt_ms(o['in_process'])}",
              "met" if o["target_met"] else "MISSED"],
+            ["overhead with --inference-thread (medians)", f"{fmt_num(o['overhead_inference_thread_ms'])} ms",
+             f"round trip {fmt_ms(o['round_trip_inference_thread'])}", ""],
             ["transport (round trip − server forward, per request)", f"{fmt_num(o['transport_median_ms'])} ms",
              f"server forward (processor + policy + inverse) {fmt_num(o['server_infer_median_ms'])} ms", ""],
             ["sequential (1 client)", f"{fmt_num(th['sequential']['req_per_s'])} req/s", "", ""],

@@ -336,9 +336,11 @@ class _FailingRunner(PolicyRunner):
         return super().run(items)
 
 
-def test_internal_error_closes_with_1011_and_spares_other_clients(reference):
+@pytest.mark.parametrize("inference_thread", [False, True])
+def test_internal_error_closes_with_1011_and_spares_other_clients(reference, inference_thread):
     model = reference[0]
-    server = PolicyServer(_FailingRunner(model), "127.0.0.1", 0, max_batch=4, batch_timeout_ms=2000)
+    server = PolicyServer(_FailingRunner(model), "127.0.0.1", 0, max_batch=4, batch_timeout_ms=2000,
+                          inference_thread=inference_thread)
     port = server.start()
     try:
         obs, batch = batch_obs(model, 5)

@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-timeout-ms", type=float, default=2.0,
                    help="how long a request waits for others to share its forward pass (default 2)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--inference-thread", action="store_true",
+                   help="run forward passes on a worker thread (the event loop stays responsive during long GPU "
+                        "passes; on a CPU the thread hand-offs cost a few ms per request)")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise of requests that send no noise_seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--print-spec", action="store_true", help="print the expected observation keys and exit")
@@ -118,7 +121,7 @@ def run(args) -> int:
         return 0
     from .server import PolicyServer
     server = PolicyServer(runner, args.host, args.port, max_batch=args.max_batch,
-                          batch_timeout_ms=args.batch_timeout_ms,
+                          batch_timeout_ms=args.batch_timeout_ms, inference_thread=args.inference_thread,
                           metadata={"model_ref": args.model})
 
     def ready(port):
