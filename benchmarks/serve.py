@@ -162,7 +162,7 @@ def run(ctx) -> dict:
             ctx.log(f"overhead: {s['recipe']}, {s['image']}² images, in-process vs server round trip")
             t = ctx.time_interleaved({"in_process": lambda: runner.infer(obs), "round_trip": remote,
                                       "round_trip_inference_thread": lambda: client_thread.infer(obs)},
-                                     min_reps=60, max_reps=300, min_time_s=6.0)
+                                     min_reps=60, max_reps=300, min_time_s=6.0, max_time_s=120.0)
             client.close()
             client_thread.close()
             srv_thread.close()

@@ -52,7 +52,7 @@ INTERNAL_ERROR = 1011
 
 
 class _Request:
-    __slots__ = ("item", "future", "loop")
+    __slots__ = ("item", "future")
 
     def __init__(self, item: Prepared, future: asyncio.Future):
         self.item, self.future = item, future
