@@ -432,3 +432,29 @@ def test_bench_serve_smoke(tmp_path):
     assert th["sequential"]["max_batch_seen"] == 1 and th["concurrent_no_batching"]["max_batch_seen"] == 1
     assert 1 <= th["concurrent_batching"]["mean_batch"] <= 8
     assert th["ratio"] == pytest.approx(th["concurrent_batching"]["req_per_s"] / th["sequential"]["req_per_s"])
+
+
+def test_absent_optional_camera_is_masked_like_an_empty_slot():
+    """ALOHA sim sends only ``cam_high``: the other cameras' slots are masked for that request, which must give
+    the actions of a processor whose other slots are empty (masked) by construction."""
+    from vla_blocks.data import make_processor
+    from vla_blocks.serve.cli import layout_features
+    torch.manual_seed(0)
+    model = create_model("pi0-tiny", **{"state_dim": 14}).eval()
+    feats = layout_features(LAYOUTS["aloha"], model)
+    runner = PolicyRunner(model, make_processor(model, feats).eval(), LAYOUTS["aloha"])
+    assert runner.processor.config.cameras == ["observation.images.cam_high", "observation.images.cam_left_wrist",
+                                               "observation.images.cam_right_wrist"]
+    only_high = make_processor(model, feats, camera_map=["observation.images.cam_high", None, None]).eval()
+    rng = np.random.default_rng(0)
+    high = rng.integers(0, 256, (3, 30, 40), dtype=np.uint8)
+    state = rng.normal(size=14).astype(np.float32)
+    full = runner.prepare({"images": {"cam_high": high, "cam_left_wrist": high}, "state": state, "prompt": "fold",
+                           "noise_seed": 4})
+    sim = runner.prepare({"images": {"cam_high": high}, "state": state, "prompt": "fold", "noise_seed": 4})
+    got_sim, got_full = runner.run([sim, full])  # one batch: the mask applies to its own request only
+    frame = {"observation.images.cam_high": torch.from_numpy(high).float() / 255,
+             "observation.state": torch.from_numpy(state), "task": "fold"}
+    want = model.infer(only_high(frame), generator=torch.Generator().manual_seed(4))["actions"][0].numpy()
+    np.testing.assert_allclose(got_sim["actions"], want, rtol=1e-4, atol=1e-5)
+    assert np.abs(got_full["actions"] - want).max() > 1e-3  # the wrist cameras do count when they are sent

@@ -28,7 +28,7 @@ A ``/`` in a key first looks the whole key up, then walks nested dicts (ALOHA se
     state: [arm/joints, arm/gripper]          # concatenated in this order
     state_dim: 8                              # optional check
     prompt: instruction                       # optional; without it every request uses the server's --prompt
-    optional_images: [wrist]                  # optional cameras: a missing one is left out of the frame
+    optional_images: [wrist]                  # optional cameras: the server masks the slot of a missing one
 
 Every mistake raises :class:`ObservationError` naming the key and what was expected.
 """

@@ -124,8 +124,9 @@ class PolicyRunner:
         seed = self._seed(obs)
         if self.processor is not None:
             frame = self.layout.frame(obs, self.default_prompt)
+            missing = self._fill_missing_cameras(frame)
             group = tuple(sorted((k, v.shape) for k, v in frame.items() if isinstance(v, np.ndarray)))
-            return Prepared(frame, seed, group)
+            return Prepared(frame, seed, group, {"missing_cameras": missing} if missing else {})
         row = {}
         for key, (shape, dtype) in self._schema.items():
             if key not in obs:
@@ -155,6 +156,20 @@ class PolicyRunner:
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise ObservationError(f"observation 'tokenized_prompt' holds ids outside [0, {vocab})")
         return Prepared(row, seed, ())
+
+    def _fill_missing_cameras(self, frame: dict) -> list[str]:
+        """An optional camera the observation lacks (ALOHA sim sends ``cam_high`` only) becomes a black image whose
+        slot is masked out after the processor (openpi's convention); returns the frame keys filled."""
+        from .layouts import IMAGE_PREFIX
+        cams = [c for c in getattr(self.processor.config, "cameras", []) if c is not None]
+        absent = [c for c in cams if c not in frame and c[len(IMAGE_PREFIX):] in self.layout.optional_images]
+        if absent and getattr(self.processor.config, "policy", None) == "halo":
+            raise ObservationError(f"HALO needs its camera {absent[0][len(IMAGE_PREFIX):]!r}")
+        present = [v for k, v in frame.items() if k.startswith(IMAGE_PREFIX)]
+        shape = present[0].shape if present else (3, 1, 1)  # as its neighbours: requests alike still batch together
+        for c in absent:
+            frame[c] = np.zeros(shape, np.float32)
+        return absent
 
     # -- per batch -----------------------------------------------------------------------------------
     def noise(self, seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -191,6 +206,9 @@ class PolicyRunner:
         except (KeyError, ValueError, TypeError) as e:  # the processor names what it could not use
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ObservationError(f"the processor rejected the observation: {msg}") from e
+        for i, it in enumerate(items):  # absent optional cameras: their slots are masked for that request only
+            for cam in it.extra.get("missing_cameras", ()):
+                batch["image_masks"][i, self.processor.config.cameras.index(cam)] = False
         out = self.model.infer(self._to_device(batch), **self.noise([it.seed for it in items]))
         if self.processor is not None:  # model space -> the dataset's raw action space
             out = {k: self.processor.postprocess(v) if k in ("actions", "coarse_actions") else v
