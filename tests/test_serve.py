@@ -440,7 +440,7 @@ def test_absent_optional_camera_is_masked_like_an_empty_slot():
     from vla_blocks.data import make_processor
     from vla_blocks.serve.cli import layout_features
     torch.manual_seed(0)
-    model = create_model("pi0-tiny", **{"state_dim": 14}).eval()
+    model = create_model("pi0-tiny", state_dim=14).eval()
     feats = layout_features(LAYOUTS["aloha"], model)
     runner = PolicyRunner(model, make_processor(model, feats).eval(), LAYOUTS["aloha"])
     assert runner.processor.config.cameras == ["observation.images.cam_high", "observation.images.cam_left_wrist",

@@ -35,7 +35,7 @@ Every mistake raises :class:`ObservationError` naming the key and what was expec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 

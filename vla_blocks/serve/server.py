@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any
 
 from .layouts import ObservationError
 from .runner import PolicyRunner, Prepared
