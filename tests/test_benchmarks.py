@@ -193,6 +193,23 @@ def test_backbone_smoke(tmp_path):
         assert r["profile"]["fwd_diff"] and "MoT − HF ms" in md
 
 
+def test_data_smoke(tmp_path):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("av")
+    p = run_smoke("data", tmp_path)
+    md = check_common(p, "data")
+    s = p["settings"]
+    assert p["dataset"]["frames"] == s["episodes"] * s["length"] and p["dataset"]["cameras"] == 2
+    assert [r["workers"] for r in p["loader"]] == s["workers"]
+    for r in p["loader"]:
+        assert r["samples"] == s["batches"] * s["batch"]
+        assert close(r["samples_per_s"], r["samples"] / r["seconds"])
+    t = p["train"]
+    assert t["steps"] == s["steps"] and 0 <= t["data_wait_fraction"] <= 1
+    assert close(t["data_wait_fraction"], t["data_wait_ms"] / t["step_ms"])
+    assert "samples/s" in md
+
+
 def test_readme_shows_the_committed_results():
     """README's Benchmarks section is what `vla-blocks bench render` renders from benchmarks/results."""
     from vla_blocks.bench import README_END, README_START, readme_section
@@ -213,3 +230,17 @@ def test_update_readme_rewrites_only_the_marked_section(tmp_path):
     assert text.startswith("# x\n\n## Benchmarks\n\nintro\n\n") and text.endswith(f"{README_END}\n\n## Next\n")
     assert "old" not in text and "No results committed yet" in text
     assert not update_readme(readme, tmp_path / "no-results")  # idempotent
+
+
+def test_composition_smoke(tmp_path):
+    p = run_smoke("composition", tmp_path)
+    md = check_common(p, "composition")
+    for r in p["bookkeeping"]:
+        assert 0 < r["bookkeeping_share"] < 1 and r["bookkeeping_calls"] > 0
+        assert close(sum(r["share_by_function"].values()), r["bookkeeping_share"])  # outermost calls only
+        assert r["meets_target"] == (r["bookkeeping_share"] <= r["target"])
+    d = p["halo_decode"]
+    base = d["rows"][0]["per_token_ms"]
+    assert close(d["max_deviation_from_smallest"], max(abs(r["per_token_ms"] / base - 1) for r in d["rows"]))
+    assert [r["horizon"] for r in p["flow_step"]["by_horizon"]] == sorted(r["horizon"] for r in p["flow_step"]["by_horizon"])
+    assert "bookkeeping share" in md

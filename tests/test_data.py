@@ -179,6 +179,14 @@ def test_delta_timestamps_and_padding(v3):
     assert batch["observation.images.top"].shape == (4, 2, 3, 64, 96) and len(batch["task"]) == 4
 
 
+def test_video_decode_in_any_order(v3):
+    """Decoders are reused across calls: random access (backward seeks across files) gives the same frames."""
+    ds = LeRobotDataset(v3[0])
+    forward = [ds[i]["observation.images.top"] for i in range(len(ds))]
+    for i in [33, 0, 20, 19, 5, 12, 11, 33, 2]:
+        assert torch.equal(ds[i]["observation.images.top"], forward[i]), i
+
+
 def test_delta_timestamps_must_be_frame_multiples(v3):
     with pytest.raises(ValueError, match="multiple of 1/fps"):
         LeRobotDataset(v3[0], delta_timestamps={"action": [0.0, 0.05]})

@@ -20,7 +20,8 @@ import torch
 
 pytest.importorskip("websockets")
 pytest.importorskip("msgpack")
-openpi_client = pytest.importorskip("openpi_client")
+# openpi's real client from PyPI; .ci/run installs it with --no-deps (its numpy<2 pin conflicts with pyarrow)
+openpi_client = pytest.importorskip("openpi_client", reason="pip install --no-deps openpi-client")
 from openpi_client import msgpack_numpy as oc_msgpack  # noqa: E402
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
 import websockets.sync.client as ws_client  # noqa: E402

@@ -1,7 +1,8 @@
 """The ``vla-blocks`` command line.
 
 Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
-parameter counts per expert and in total, computed on the meta device: no weights allocated),
+parameter counts per expert and in total, computed on the meta device: no weights allocated;
+``--show-config`` prints the resolved recipe as YAML instead),
 ``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
 listed in :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``), implemented beside what they drive and
 imported only when used.
@@ -32,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
+    "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
+                 "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
+    "trace": ("view saved policy / episode traces as one self-contained offline HTML report",
+              "vla_blocks.trace.view:add_arguments", "vla_blocks.trace.view:run"),
     "serve": ("serve a policy over openpi's websocket protocol (openpi-client compatible)",
               "vla_blocks.serve.cli:add_arguments", "vla_blocks.serve.cli:run"),
 }
@@ -83,6 +88,12 @@ def cmd_recipes(args) -> int:
 
 def cmd_info(args) -> int:
     cfg, model = build_on_meta(args.recipe, args.overrides)
+    if getattr(args, "show_config", False):
+        from .config import dump_recipe
+        print(f"# {args.recipe}" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved recipe (base, overrides and defaults applied)")
+        print(dump_recipe(cfg), end="")
+        return 0
     print(f"{args.recipe}: {type(model).__name__} (type: {cfg.type})")
     tree = parameter_tree(model)
     width = max(len(k) for k in tree) if tree else 10
@@ -144,6 +155,8 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="component tree with parameter counts (no weights allocated)")
     s.add_argument("recipe", help="recipe name, recipe path, hf-hub:org/name or local-dir:path")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. experts.act.hidden_size=512")
+    s.add_argument("--show-config", action="store_true",
+                   help="print the resolved recipe (YAML: base, overrides and defaults applied) instead of the tree")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
@@ -151,7 +164,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        s.set_defaults(fn=_LazyRun(run), _add=add)
+        s.set_defaults(fn=_LazyRun(run))
     return p
 
 
@@ -166,14 +179,12 @@ class _LazyRun:
 
 
 def _parse(parser: argparse.ArgumentParser, argv):
-    """Parse in two steps: the subcommand name first, then its own options (imported on demand)."""
+    """Parse after adding the options of the subcommand named in ``argv`` (its module imported on demand)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    head = [a for a in argv if a not in ("-h", "--help")]
-    args = parser.parse_known_args(head)[0] if head else None
-    add = getattr(args, "_add", None)
-    if add is not None:
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name in SUBCOMMANDS:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        _resolve(add)(sub.choices[args.command])
+        _resolve(SUBCOMMANDS[name][1])(sub.choices[name])
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,7 @@ class SiglipVision(VisionConfig):
     Example: ``SiglipVision(pretrained="/ckpt/siglip-so400m", num_layers=26).build()(pixels)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     num_layers: int | None = None
@@ -127,6 +128,7 @@ class Siglip2NaViT(VisionConfig):
     Example: ``feats, counts, grids = Siglip2NaViT(config=cfg).build()(images_list)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     num_layers: int | None = None
@@ -353,6 +355,7 @@ class FluxVAE(VAEConfig):
     Example: ``FluxVAE(pretrained="/ckpt/flux-vae").build().encode(pixels)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     subfolder: str | None = None

@@ -45,6 +45,9 @@ class VLAModel(nn.Module):
         super().__init__()
         self.config = config
         self._action_queue: deque = deque()
+        # flow heads by output label (``actions``, ``coarse_actions``): blocks whose modules are registered
+        # under upstream names with :meth:`expose`, so the dict itself is not a registered child
+        self.__dict__["flow_heads"] = {}
 
     # -- lerobot-style inference API ------------------------------------------------------------
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
@@ -81,6 +84,34 @@ class VLAModel(nn.Module):
         """Save into a temporary folder and upload it to ``repo_id``: :func:`vla_blocks.hub.push_to_hub`."""
         from . import hub
         return hub.push_to_hub(self, repo_id, **kwargs)
+
+    # -- composition ----------------------------------------------------------------------------
+    def expose(self, block: nn.Module, names: dict[str, str], as_attr: str | None = None) -> nn.Module:
+        """Register ``block``'s sub-modules on this model under upstream names, so checkpoints keep the
+        upstream keys while ``block`` does the computing.
+
+        ``names`` maps a sub-module path inside ``block`` to its name on the model
+        (``{"proj.in_proj": "action_in_proj"}``); paths whose sub-module is absent (a head without a state
+        projection) are skipped. Every parameter and buffer of ``block`` must end up registered: a block
+        with an unnamed tensor is an error, never a tensor missing from the checkpoint. ``block`` is kept as
+        a plain attribute ``as_attr`` (not a registered child, so each tensor has exactly one key).
+        """
+        covered: set[int] = set()
+        for path, name in names.items():
+            try:
+                sub = block.get_submodule(path)
+            except AttributeError:
+                continue
+            if sub is None:
+                continue
+            setattr(self, name, sub)
+            covered.update(id(t) for t in (*sub.parameters(), *sub.buffers()))
+        left = [n for n, t in (*block.named_parameters(), *block.named_buffers()) if id(t) not in covered]
+        if left:
+            raise ValueError(f"{type(block).__name__}: tensors {left} have no upstream name in {names}")
+        if as_attr is not None:
+            self.__dict__[as_attr] = block
+        return block
 
     # -- introspection --------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -12,9 +12,9 @@ forward, keep the nearest frame per query and raise :class:`FrameTimestampError`
 from __future__ import annotations
 
 import os
-from fractions import Fraction
+from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -116,6 +116,32 @@ def concat_videos(parts: Sequence[str | Path], path: str | Path) -> list[float]:
     return starts
 
 
+_OPEN: "OrderedDict[tuple, Any]" = OrderedDict()
+_MAX_OPEN = 16
+
+
+def _container(av, path: str):
+    """An open input container per (process, file), reused across calls (LRU of 16): opening costs more than
+    decoding a frame of a small video. Keyed by pid so DataLoader workers never share a forked file handle, and
+    by inode and mtime so a file replaced on disk (a writer appending an episode) is reopened."""
+    st = os.stat(path)
+    key = (os.getpid(), path, st.st_ino, st.st_mtime_ns)
+    c = _OPEN.get(key)
+    if c is None:
+        c = av.open(path)
+        _OPEN[key] = c
+        while len(_OPEN) > _MAX_OPEN:
+            _, old = _OPEN.popitem(last=False)
+            if old is not c and key[0] == os.getpid():
+                try:
+                    old.close()
+                except Exception:  # a container inherited from the parent process: leave it to the parent
+                    pass
+    else:
+        _OPEN.move_to_end(key)
+    return c
+
+
 def decode_frames(path: str | Path, timestamps: Sequence[float], tolerance_s: float = 1e-4) -> torch.Tensor:
     """The frames of ``path`` nearest to ``timestamps`` (seconds) → float32 ``[T, 3, H, W]`` in [0, 1].
 
@@ -125,19 +151,18 @@ def decode_frames(path: str | Path, timestamps: Sequence[float], tolerance_s: fl
     ts = [float(t) for t in timestamps]
     first, last = min(ts), max(ts)
     got_t, got = [], []
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
-        tb = float(s.time_base)
-        c.seek(max(0, int(round(first / tb)) - 1), stream=s, backward=True, any_frame=False)
-        for frame in c.decode(s):
-            t = float(frame.pts * s.time_base)
-            if t < first - tolerance_s - 1.0:  # far before the window (seek landed early)
-                continue
-            got_t.append(t)
-            got.append(frame.to_ndarray(format="rgb24"))
-            if t >= last:
-                break
+    c = _container(av, str(path))
+    s = c.streams.video[0]
+    tb = float(s.time_base)
+    c.seek(max(0, int(round(first / tb)) - 1), stream=s, backward=True, any_frame=False)
+    for frame in c.decode(s):
+        t = float(frame.pts * s.time_base)
+        if t < first - tolerance_s - 1.0:  # far before the window (seek landed early)
+            continue
+        got_t.append(t)
+        got.append(frame)  # converted to RGB only if it is the nearest to a query
+        if t >= last:
+            break
     if not got:
         raise FrameTimestampError(f"{path}: no frame decoded near t={first:.4f}s")
     times = np.asarray(got_t)
@@ -147,6 +172,7 @@ def decode_frames(path: str | Path, timestamps: Sequence[float], tolerance_s: fl
         if abs(times[i] - t) >= tolerance_s:
             raise FrameTimestampError(f"{path}: the nearest frame to t={t:.4f}s is at {times[i]:.4f}s "
                                       f"({abs(times[i] - t):.4f} >= tolerance_s={tolerance_s})")
-        out.append(got[i])
-    arr = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+        out.append(i)
+    rgb = {i: got[i].to_ndarray(format="rgb24") for i in set(out)}
+    arr = torch.from_numpy(np.stack([rgb[i] for i in out])).permute(0, 3, 1, 2)
     return arr.float().div_(255.0)
