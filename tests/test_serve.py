@@ -459,3 +459,35 @@ def test_absent_optional_camera_is_masked_like_an_empty_slot():
     want = model.infer(only_high(frame), generator=torch.Generator().manual_seed(4))["actions"][0].numpy()
     np.testing.assert_allclose(got_sim["actions"], want, rtol=1e-4, atol=1e-5)
     assert np.abs(got_full["actions"] - want).max() > 1e-3  # the wrist cameras do count when they are sent
+
+
+def test_halo_served_with_trace_on_request():
+    """HALO through its processor: a 2-frame history stack in, the actions of ``model.infer`` with the request's
+    seed out (raw space), and the trace summary only when asked."""
+    from vla_blocks.data import make_processor
+    from vla_blocks.serve.layouts import ImageSpec, ObservationLayout
+    torch.manual_seed(0)
+    model = create_model("halo-tiny").eval()
+    layout = ObservationLayout("cam", {"image": ImageSpec("observation/image")}, prompt="prompt")
+    feats = {"observation.images.image": {"dtype": "image", "shape": [3, 32, 32]},
+             "action": {"dtype": "float32", "shape": [model.config.action_dim]}}
+    stats = {"action": {"mean": np.linspace(-1, 1, model.config.action_dim),
+                        "std": np.linspace(0.5, 2, model.config.action_dim)}}
+    proc = make_processor(model, feats, stats=stats, state_key=None).eval()
+    runner = PolicyRunner(model, proc, layout)
+    md = runner.metadata()
+    assert md["action_horizon"] == model.config.chunk_size and md["outputs"] == ["actions", "trace"]
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # oldest first
+    got = runner.infer({"observation/image": frames, "prompt": "push the red block", "noise_seed": 7,
+                        "return_trace": True})
+    history = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in frames]
+    trace = model.infer(history, "push the red block", generator=torch.Generator().manual_seed(7))
+    want = trace.actions.float().numpy() * stats["action"]["std"] + stats["action"]["mean"]  # z-score, by hand
+    np.testing.assert_allclose(got["actions"], want, rtol=1e-5, atol=1e-5)
+    assert got["trace"]["mode"] == trace.mode and "actions" not in got["trace"]
+    assert unpackb(packb(got))["trace"]["timings"].keys() == trace.summary()["timings"].keys()  # it travels
+    plain = runner.infer({"observation/image": frames, "prompt": "push the red block", "noise_seed": 7})
+    assert "trace" not in plain
+    with pytest.raises(ObservationError, match="'return_trace' must be a bool"):
+        runner.prepare({"observation/image": frames, "prompt": "x", "return_trace": "yes"})

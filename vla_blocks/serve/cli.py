@@ -38,8 +38,9 @@ def layout_features(layout, model) -> dict:
     feats = {IMAGE_PREFIX + cam: {"dtype": "image", "shape": [3, size, size], "names": ["channel", "height", "width"]}
              for cam in layout.images}
     if layout.state:
-        feats[STATE_KEY] = {"dtype": "float32", "shape": [layout.state_dim or c.state_dim or c.action_dim]}
-    feats["action"] = {"dtype": "float32", "shape": [c.real_action_dim or c.action_dim]}
+        feats[STATE_KEY] = {"dtype": "float32",
+                            "shape": [layout.state_dim or getattr(c, "state_dim", None) or c.action_dim]}
+    feats["action"] = {"dtype": "float32", "shape": [getattr(c, "real_action_dim", None) or c.action_dim]}
     return feats
 
 

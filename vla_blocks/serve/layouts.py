@@ -4,7 +4,8 @@ A client (a simulator loop, a robot) sends a flat or nested dict in openpi's exa
 into one lerobot-style frame, the input of the model's processor (``vla_blocks.data``):
 
 - ``observation.images.<cam>``: float32 ``[3, H, W]`` in ``[0, 1]`` (uint8 ``HWC``/``CHW`` arrays are scaled by
-  1/255; float arrays must already lie in ``[0, 1]``);
+  1/255; float arrays must already lie in ``[0, 1]``); a 4-D array is a stack of frames, oldest first
+  (``[T, 3, H, W]`` out: HALO's history);
 - ``observation.state``: float32 ``[S]``, the concatenation of the layout's state keys in order;
 - ``task``: the prompt string.
 
@@ -97,8 +98,13 @@ def _as_array(value, key: str) -> np.ndarray:
 def to_chw_float(value, key: str, layout: str = "auto") -> np.ndarray:
     """An image array → float32 ``[3, H, W]`` in ``[0, 1]``; raises :class:`ObservationError` naming ``key``."""
     arr = _as_array(value, key)
+    if arr.ndim == 4:  # a stack of frames, oldest first (HALO's history): each converted alike
+        if arr.shape[0] == 0:
+            raise ObservationError(f"observation {key!r}: an empty stack of frames")
+        return np.stack([to_chw_float(a, f"{key}[{t}]", layout) for t, a in enumerate(arr)])
     if arr.ndim != 3:
-        raise ObservationError(f"observation {key!r}: an image must have 3 dims (HWC or CHW), got shape {arr.shape}")
+        raise ObservationError(f"observation {key!r}: an image must have 3 dims (HWC or CHW; a stack of frames 4), "
+                               f"got shape {arr.shape}")
     if layout == "auto":
         layout = "hwc" if arr.shape[-1] == 3 else "chw" if arr.shape[0] == 3 else None
         if layout is None:

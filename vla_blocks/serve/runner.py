@@ -7,7 +7,9 @@ The server (:mod:`vla_blocks.serve.server`) owns the transport; the runner owns 
    one row of the model's own batch (the keys of ``model.demo_batch()`` except ``actions``). Every problem raises
    :class:`~vla_blocks.serve.layouts.ObservationError` naming the key.
 2. :meth:`PolicyRunner.run` (per batch): processor(frames) → ``model.infer(batch, noise=...)`` → the processor's
-   inverse → one reply per request (``actions`` [H, A_real] float32; ACoT adds ``coarse_actions``).
+   inverse → one reply per request (``actions`` [H, A_real] float32; ACoT adds ``coarse_actions``). HALO (served
+   with its processor) runs ``model.infer(history, instruction, generator=...)`` per request and adds its trace
+   summary (mode, reasoning, subgoal image, timings) when the request sets ``return_trace``.
 
 Noise: each request has a ``noise_seed`` (sent by the client as ``noise_seed``, or drawn by the server). Its flow
 noise is drawn from ``torch.Generator().manual_seed(noise_seed)`` exactly as ``model.infer(batch_of_one,
@@ -26,9 +28,10 @@ import torch
 
 from .layouts import ObservationError, ObservationLayout
 
-__all__ = ["PolicyRunner", "Prepared", "SEED_KEY"]
+__all__ = ["PolicyRunner", "Prepared", "SEED_KEY", "TRACE_KEY"]
 
 SEED_KEY = "noise_seed"
+TRACE_KEY = "return_trace"
 _MAX_SEED = 2 ** 63 - 1
 
 
@@ -62,9 +65,10 @@ class PolicyRunner:
 
     def __init__(self, model, processor=None, layout: ObservationLayout | None = None, *,
                  default_prompt: str | None = None, seed: int = 0):
-        if not hasattr(model, "infer") or not hasattr(model.config, "action_horizon"):
+        self.is_halo = getattr(getattr(processor, "config", None), "policy", None) == "halo"
+        if not hasattr(model, "infer") or not (hasattr(model.config, "action_horizon") or self.is_halo):
             raise TypeError(f"{type(model).__name__} cannot be served: the server runs pi0 / pi0.5 / ACoT-VLA "
-                            f"policies (models with infer(batch, noise=...) and an action_horizon)")
+                            f"policies (infer(batch, noise=...) and an action_horizon) and HALO (with its processor)")
         if processor is not None and layout is None:
             raise ValueError("a processor consumes frames: give the observation layout that builds them")
         self.model = model.eval()
@@ -72,6 +76,8 @@ class PolicyRunner:
         self.layout = layout
         self.default_prompt = default_prompt
         self._rng = random.Random(seed)
+        if processor is None and type(model.config).__name__ == "HaloConfig":
+            raise ValueError("HALO is served with its processor (an observation layout), not the 'batch' layout")
         self._schema = _batch_schema(model) if processor is None else None
         ear = getattr(model.config, "ear", None)
         self.coarse_horizon: int | None = ear.horizon if ear is not None else None
@@ -88,16 +94,18 @@ class PolicyRunner:
         else:
             out = self.layout.spec()
         out[SEED_KEY] = "optional int: the flow-noise seed (drawn by the server when absent)"
+        if self.is_halo:
+            out[TRACE_KEY] = "optional bool: add the HALO trace summary (mode, reasoning, subgoal image, timings)"
         return out
 
     def metadata(self) -> dict:
         c = self.model.config
-        outputs = ["actions"] + (["coarse_actions"] if self.coarse_horizon else [])
+        outputs = ["actions"] + (["coarse_actions"] if self.coarse_horizon else []) + (["trace"] if self.is_halo else [])
         return {
             "model": type(self.model).__name__,
-            "action_horizon": int(c.action_horizon),
+            "action_horizon": int(c.chunk_size if self.is_halo else c.action_horizon),
             "action_dim": int(getattr(getattr(self.processor, "config", None), "real_action_dim", None)
-                              or c.real_action_dim or c.action_dim),
+                              or getattr(c, "real_action_dim", None) or c.action_dim),
             "coarse_horizon": self.coarse_horizon,
             "observation_layout": self.layout_name,
             "observation_spec": self.spec(),
@@ -123,10 +131,18 @@ class PolicyRunner:
             raise ObservationError(f"an observation must be a dict (msgpack map), got {type(obs).__name__}")
         seed = self._seed(obs)
         if self.processor is not None:
+            extra: dict = {}
+            if self.is_halo and TRACE_KEY in obs:
+                want = obs[TRACE_KEY]
+                if not isinstance(want, (bool, np.bool_)):
+                    raise ObservationError(f"observation {TRACE_KEY!r} must be a bool, got {want!r}")
+                extra["trace"] = bool(want)
             frame = self.layout.frame(obs, self.default_prompt)
             missing = self._fill_missing_cameras(frame)
+            if missing:
+                extra["missing_cameras"] = missing
             group = tuple(sorted((k, v.shape) for k, v in frame.items() if isinstance(v, np.ndarray)))
-            return Prepared(frame, seed, group, {"missing_cameras": missing} if missing else {})
+            return Prepared(frame, seed, group, extra)
         row = {}
         for key, (shape, dtype) in self._schema.items():
             if key not in obs:
@@ -201,6 +217,8 @@ class PolicyRunner:
         """One forward pass over ``items`` (same group); one reply dict of numpy arrays per item."""
         if not items:
             return []
+        if self.is_halo:
+            return self._run_halo(items)
         try:
             batch = self.collate([it.sample for it in items])
         except (KeyError, ValueError, TypeError) as e:  # the processor names what it could not use
@@ -221,6 +239,30 @@ class PolicyRunner:
                 reply[k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
                             else np.asarray(v, dtype=np.float32))
             reply[SEED_KEY] = it.seed
+            replies.append(reply)
+        return replies
+
+    def _run_halo(self, items: list[Prepared]) -> list[dict]:
+        """HALO: the processor's history/instruction batch, then one ``model.infer`` per request (its reasoning
+        and subgoal differ per request), each with a generator seeded by the request's ``noise_seed``."""
+        from .wire import to_wire
+        try:
+            batch = self.collate([it.sample for it in items])
+        except (KeyError, ValueError, TypeError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ObservationError(f"the processor rejected the observation: {msg}") from e
+        dev = next(self.model.parameters()).device
+        replies = []
+        for i, it in enumerate(items):
+            history = [f.to(dev) for f in batch["history"][i]]
+            trace = self.model.infer(history, batch["instruction"][i],
+                                     generator=torch.Generator().manual_seed(int(it.seed)))
+            actions = self.processor.postprocess(trace.actions[None].float().cpu())[0]
+            reply = {"actions": actions.numpy().astype(np.float32), SEED_KEY: it.seed}
+            if it.extra.get("trace"):
+                summary = dict(trace.summary())
+                summary.pop("actions", None)  # model space; the reply's actions are the raw ones
+                reply["trace"] = to_wire(summary)
             replies.append(reply)
         return replies
 
