@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                 "vla_blocks.convert:add_cli_arguments", "vla_blocks.convert:run_cli"),
     "push": ("upload a saved model folder to the Hugging Face Hub",
              "vla_blocks.hub:add_push_arguments", "vla_blocks.hub:run_push"),
-    "bench": ("run a benchmark suite (attention, inference, backbone) and write results",
+    "bench": ("run a benchmark suite (attention, inference, backbone, serve) and write results",
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
@@ -37,6 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                  "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
     "trace": ("view saved policy / episode traces as one self-contained offline HTML report",
               "vla_blocks.trace.view:add_arguments", "vla_blocks.trace.view:run"),
+    "serve": ("serve a policy over openpi's websocket protocol (openpi-client compatible)",
+              "vla_blocks.serve.cli:add_arguments", "vla_blocks.serve.cli:run"),
 }
 
 
