@@ -187,7 +187,7 @@ def run(ctx) -> dict:
     repeats = 3 if smoke else 9
     recipes = ("pi0-tiny",) if smoke else RECIPES
     out = {"bookkeeping": [bookkeeping_share(r, repeats) for r in recipes]}
-    out["halo_decode"] = halo_decode((40, 120) if smoke else CONTEXT_SIZES, 4 if smoke else 24, 1 if smoke else 3)
+    out["halo_decode"] = halo_decode((40, 120) if smoke else CONTEXT_SIZES, 4 if smoke else 64, 1 if smoke else 5)
     out["flow_step"] = flow_step(repeats, (8, 32) if smoke else PROMPT_LENGTHS, (4, 8) if smoke else HORIZONS)
     if options.get("baseline"):  # the same measurements on an earlier checkout (python benchmarks/composition.py)
         import json
