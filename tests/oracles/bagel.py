@@ -148,3 +148,27 @@ def qwen2_mot_stack(sd, x, groups, pos, mask, layers, heads, kv_heads, head_dim,
     for S, idx in groups.items():
         y[idx] = rms_norm(x[idx], W[f"language_model.model.norm{S}.weight"], eps)
     return y
+
+
+def pack_positions(items):
+    """RoPE position ids of one sample by BAGEL ``data/dataset_base.py`` ``pack_sequence`` (halo_bagel.md §2.1),
+    re-written: ``items`` are ``(kind, n_tokens)`` with kind ``text`` (ids counter…counter+n−1, counter += n),
+    ``vit`` / ``vae`` (a clean image: all n share the counter, then += 1), ``vae_noisy`` / ``action`` (share, no
+    advance), ``skip`` (a ViT / VAE image dropped by condition dropout: ``curr_rope_id += 1`` and no tokens) and
+    ``video`` with n = a list of ``(frame_tokens, frame_delta)`` (one split; each frame shares the counter, which
+    then advances by its ``frame_delta``). The counter starts at 0 for every sample."""
+    r, out = 0, []
+    for kind, n in items:
+        if kind == "text":
+            out += list(range(r, r + n))
+            r += n
+        elif kind == "skip":
+            r += 1
+        elif kind == "video":
+            for nf, delta in n:
+                out += [r] * nf
+                r += delta
+        else:
+            out += [r] * n
+            r += 1 if kind in ("vit", "vae") else 0
+    return out
