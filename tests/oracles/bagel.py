@@ -172,3 +172,25 @@ def pack_positions(items):
             out += [r] * n
             r += 1 if kind in ("vit", "vae") else 0
     return out
+
+
+def image_transform_size(height, width, max_size, min_size, stride, max_pixels=14 * 14 * 9 * 1024):
+    """BAGEL / HALO ``data/transforms.py`` ``MaxLongEdgeMinShortEdgeResize`` output size ``(height, width)``,
+    re-written with numpy: scale = max(min(max/long, 1), min/short); each side ``rint(side·scale)`` then
+    ``rint(v/stride)·stride`` (numpy's rint rounds half to even, as Python's ``round``), at least one stride;
+    then, if the area exceeds ``max_pixels``, the sides are scaled again by the *area* ratio; then, if the long
+    side still exceeds ``max_size``, by ``max_size / long``."""
+    def sides(h, w, s):
+        out = []
+        for v in (h, w):
+            px = np.rint(np.float64(v) * s)
+            out.append(int(max(stride, np.rint(px / stride) * stride)))
+        return out
+
+    s = max(min(max_size / max(height, width), 1.0), min_size / min(height, width))
+    h, w = sides(height, width, s)
+    if h * w > max_pixels:
+        h, w = sides(h, w, max_pixels / (h * w))
+    if max(h, w) > max_size:
+        h, w = sides(h, w, max_size / max(h, w))
+    return h, w

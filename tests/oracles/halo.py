@@ -94,3 +94,24 @@ def sincos_1d(length, dim):
     freqs = np.exp(-np.arange(half) * math.log(10000) / (half - 1))
     args = np.arange(length)[:, None] * freqs[None]
     return np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+
+
+def robotwin_prompt(instruction):
+    """HALO ``robotwin_dataset.py`` ``change_format`` prompt: the instruction lower-cased, then trailing dots
+    stripped (nothing else), inside the fixed sentence."""
+    body = instruction.lower()
+    while body.endswith("."):
+        body = body[:-1]
+    return "You are an embodied agent. Your task is to: " + body + ". Plan and act."
+
+
+def robotwin_thought(plan, subtask, left, right):
+    """HALO ``robotwin_dataset.py`` ``parse_hdf5_file`` thought string (``use_subtask``), built line by line:
+    a leading empty line, then three marker blocks, each opened and closed on its own line and followed by an
+    empty line; the plan steps one per line (an empty line when there are none); the movement block holds
+    ``[LEFT]: …`` and ``[RIGHT]: …`` lines and
+    one more empty line before its closing marker."""
+    lines = ["", "<|plan|>", "\n".join(plan), "<|\\ plan|>", "",
+             "<|subtask|>", subtask, "<|\\ subtask|>", "",
+             "<|movement|>", f"[LEFT]: {left}", f"[RIGHT]: {right}", "", "<|\\ movement|>", "", ""]
+    return "\n".join(lines)
