@@ -14,7 +14,7 @@ reasoner, a gemma_300m) and ``act`` (the final action expert, a gemma_300m). Per
    only one reasoner is on); time enters the action expert through adaRMS (``time_mlp_in/out``).
 
 Training (teacher forcing): the action head is conditioned on the ground-truth coarse trajectory; one time
-sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims.
+sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims (``loss_dims: real``: over the real dims).
 Upstream runs the LLM three times per step ([prefix], [prefix+EAR], [prefix+action]); here the prefix runs
 once and both suffixes go in ONE pass as two noise segments that both start at the prefix's valid length
 (RoPE ``sequential_hold``), reading the prefix cache with gradients: same loss and gradients (tested).
@@ -207,7 +207,8 @@ class ACoTVLA(Pi0Model):
             hidden = {}
             for s in suffixes:
                 hidden.update(self.run_suffixes(prefix, cache, [s]))
-        losses = {k: heads[k].loss(heads[k].decode(hidden[k]), targets[k]) for k in targets}
+        dim_mask = self.loss_dim_mask()
+        losses = {k: heads[k].loss(heads[k].decode(hidden[k]), targets[k], dim_mask=dim_mask) for k in targets}
         metrics = {"loss_action": losses["actions"].detach()}
         loss = losses["actions"]
         if c.ear is not None:
