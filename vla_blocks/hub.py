@@ -275,6 +275,10 @@ def load_config(ref, overrides: Mapping[str, Any] | list[str] | None = None, *, 
 
 def _config_from_folder(folder: Path, overrides=None):
     data = read_config_data(folder)
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("path"), str) and not Path(tok["path"]).is_absolute() \
+            and (Path(folder) / tok["path"]).exists():  # a tokenizer carried inside the folder (vla-blocks convert)
+        tok["path"] = str(Path(folder) / tok["path"])
     try:
         return load_recipe(data, overrides)
     except ConfigError as e:
