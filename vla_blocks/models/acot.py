@@ -254,3 +254,16 @@ class ACoTVLA(Pi0Model):
                    action_frames: int | None = None) -> dict:
         """pi0's demo inputs with a raw chunk of ``chunk_length`` frames (the EAR reference is sliced from it)."""
         return super().demo_batch(batch_size, generator, action_frames or self.config.chunk_length)
+
+
+#: Loading a pi0.5 checkpoint into an ACoT recipe as upstream initialises ACoT from pi0.5: the EAR expert and the
+#: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
+#: reasoner modules (new in ACoT) keep their initialisation.
+#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **ACOT_FROM_PI05)`` (also ``vla_blocks.hub.ACOT_FROM_PI05``).
+ACOT_FROM_PI05: dict = {
+    "expert_map": {"ear": "act"},
+    "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",
+                "coarse_time_mlp_in": "time_mlp_in", "coarse_time_mlp_out": "time_mlp_out"},
+    "allow_missing": [r"^(explicit_action_reasoner|implicit_action_reasoner|implicit_action_reasoner_interact|"
+                      r"explicit_action_reason_proj|implicit_action_reason_proj|action_reasoning_fusion)\."],
+}
