@@ -168,6 +168,7 @@ _ROPE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # the model-specific knowledge lives beside each model; re-exported here under the old names
 from .models.halo.convert import (HALO_CONFIG_FILES, QWEN2_TOKENIZER_FILES, halo_key_map,  # noqa: E402
                                   infer_halo, read_halo_configs)
+from .models.openpi_convert import EXPERTS, JaxTreeSource, infer_openpi, read_jax_tree  # noqa: E402
 from .models.pi0_convert import (PALIGEMMA_TOKENIZER_FILES, infer_pi0, lerobot_pi0_key_map,  # noqa: E402
                                  read_lerobot_config)
 
@@ -182,7 +183,7 @@ class ConverterSpec:
 
     name: str
     recipe: str
-    key_map: Callable[[Any], KeyMap]  # (model config) -> key map
+    key_map: Callable[[Any, Any], KeyMap]  # (model config, source) -> key map
     infer: Callable[[Mapping[str, tuple], dict], dict[str, Any]]
     read_config: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]] | None = None
     prefer: tuple[str, ...] = ("model.safetensors",)
@@ -190,6 +191,8 @@ class ConverterSpec:
     regenerate: tuple[str, ...] = ()  # target tensors rebuilt by their module's reset_parameters()
     tokenizer_files: tuple[str, ...] = ()
     tokenizer_field: str | None = None
+    load_source: Callable[[str], Any] | None = None  # a non-safetensors source (openpi / ACoT JAX trees)
+    defaults: dict[str, Any] = field(default_factory=dict)  # recipe fields below config / tensors / overrides
     description: str = ""
 
 
@@ -197,24 +200,38 @@ def _halo_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return read_halo_configs(folder), {}
 
 
+def _jax_source(src: str) -> JaxTreeSource:
+    return JaxTreeSource(read_jax_tree(src), label=str(src))
+
+
+def _jax_spec(name: str, recipe: str, acot: bool, description: str) -> ConverterSpec:
+    experts = EXPERTS["acot" if acot else "pi0"]
+    return ConverterSpec(name, recipe, lambda cfg, src: src.key_map(experts),
+                         lambda shapes, facts: infer_openpi(shapes, acot), load_source=_jax_source,
+                         defaults={"flow.numerics": "jax"}, description=description)
+
+
 CONVERTERS: dict[str, ConverterSpec] = {
     "halo": ConverterSpec(
-        "halo", "halo", lambda cfg: halo_key_map(list(cfg.experts)), lambda shapes, facts: infer_halo(shapes),
+        "halo", "halo", lambda cfg, src: halo_key_map(list(cfg.experts)), lambda shapes, facts: infer_halo(shapes),
         read_config=_halo_config, prefer=("ema.safetensors", "model.safetensors"),
         base_models=("qshou-coder/halo_pt_weight",),
         regenerate=("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"),
         tokenizer_files=QWEN2_TOKENIZER_FILES, tokenizer_field="tokenizer.path",
         description="HALO / BAGEL checkpoint (BAGEL Qwen2-MoT names, `_moe_gen` / `_moe_act` experts)"),
     "pi0": ConverterSpec(
-        "pi0", "pi0", lambda cfg: lerobot_pi0_key_map(),
+        "pi0", "pi0", lambda cfg, src: lerobot_pi0_key_map(),
         lambda shapes, facts: infer_pi0(shapes, facts.get("head_dim")), read_config=read_lerobot_config,
         base_models=("lerobot/pi0_base",), tokenizer_files=PALIGEMMA_TOKENIZER_FILES,
         description="lerobot PyTorch pi0 checkpoint"),
     "pi05": ConverterSpec(
-        "pi05", "pi05", lambda cfg: lerobot_pi0_key_map(),
+        "pi05", "pi05", lambda cfg, src: lerobot_pi0_key_map(),
         lambda shapes, facts: infer_pi0(shapes, facts.get("head_dim")), read_config=read_lerobot_config,
         base_models=("lerobot/pi05_base",), tokenizer_files=PALIGEMMA_TOKENIZER_FILES,
         description="lerobot PyTorch pi0.5 checkpoint"),
+    "pi0-jax": _jax_spec("pi0-jax", "pi0", False, "openpi JAX pi0 params tree"),
+    "pi05-jax": _jax_spec("pi05-jax", "pi05", False, "openpi JAX pi0.5 params tree"),
+    "acot-jax": _jax_spec("acot-jax", "acot-libero", True, "ACoT-VLA JAX params tree (`_1` EAR, `_2` action expert)"),
 }
 
 
@@ -240,6 +257,10 @@ def recipe_fields(kind: str, shapes: Mapping[str, Iterable[int]], config_dir: st
         raise ConversionError(f"{config_dir}: config.json is a {facts.get('type')} policy; convert it as "
                               f"`{facts.get('type')}`, not `{kind}`")
     from_tensors = spec.infer({k: tuple(v) for k, v in shapes.items()}, facts)
+    if kind in ("pi0-jax", "pi05-jax") and "pi05" in from_tensors and from_tensors["pi05"] != (kind == "pi05-jax"):
+        right = "pi05-jax" if from_tensors["pi05"] else "pi0-jax"
+        raise ConversionError(f"the tree's action expert has {'adaRMS' if from_tensors['pi05'] else 'plain RMS'} "
+                              f"norms: it is a {right[:-4]} tree; convert it as `{right}`, not `{kind}`")
     sources = {"config": from_config, "tensors": from_tensors, "override": overrides}
     conflicts = []
     for key in sorted(set().union(*sources.values())):
@@ -249,7 +270,7 @@ def recipe_fields(kind: str, shapes: Mapping[str, Iterable[int]], config_dir: st
             conflicts.append(f"  {key}: " + ", ".join(f"{n}={v!r}" for n, v in vals.items()))
     if conflicts:
         raise ConversionError("the upstream config, the tensors and the overrides disagree:\n" + "\n".join(conflicts))
-    return {**from_config, **from_tensors, **overrides}, facts
+    return {**spec.defaults, **from_config, **from_tensors, **overrides}, facts
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -427,14 +448,14 @@ def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow
     report = ConversionReport(source=label)
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
-    fields, report.facts = recipe_fields(kind, source.shapes, config_dir, overrides)
-    report.inferred = {k: v for k, v in fields.items() if k not in (overrides or {})}
+    fields, report.facts = recipe_fields(kind, getattr(source, "raw_shapes", source.shapes), config_dir, overrides)
+    report.inferred = {k: v for k, v in fields.items() if k not in (overrides or {}) and k not in spec.defaults}
     cfg = load_recipe(recipe or spec.recipe, fields)
     allow_missing = list(allow_missing)
     with torch.device("meta"):
         model = cfg.build()
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    key_map = spec.key_map(cfg)
+    key_map = spec.key_map(cfg, source)
     plan: dict[str, str] = {}
     for k in source.keys():
         t, reason = key_map(k)
@@ -481,7 +502,12 @@ def check_mapping(kind: str, shapes: Mapping[str, Iterable[int]], *, recipe: str
     """The names-and-shapes pass of :func:`convert` on ``{source key: shape}`` (no tensors, the model on the meta
     device): check that a full-size checkpoint layout maps onto a recipe (``config_dir``: a folder with the
     upstream config files). Raises :class:`ConversionError`."""
-    p, _ = _plan(kind, ShapeSource(shapes), "<shapes>", recipe=recipe, overrides=overrides,
+    if kind in CONVERTERS and CONVERTERS[kind].load_source is not None:  # a JAX tree: zero-stride stand-ins
+        import numpy as np
+        src = JaxTreeSource({k: np.broadcast_to(np.float32(0), tuple(v)) for k, v in shapes.items()}, "<shapes>")
+    else:
+        src = ShapeSource(shapes)
+    p, _ = _plan(kind, src, "<shapes>", recipe=recipe, overrides=overrides,
                  allow_unmapped=allow_unmapped, allow_missing=allow_missing,
                  config_dir=Path(config_dir) if config_dir is not None else None)
     p.report.regenerated = list(p.regen)
@@ -506,10 +532,17 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
     if kind not in CONVERTERS:
         raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
     spec = CONVERTERS[kind]
-    files = source_files(src, spec.prefer, revision=revision, cache_dir=cache_dir)
-    for o in overlays:
-        files += source_files(o, spec.prefer, cache_dir=cache_dir)
-    source = SourceCheckpoint(files)
+    if spec.load_source is not None:
+        if overlays or vae:
+            raise ConversionError(f"{kind}: overlays and --vae are not used by JAX trees")
+        source = spec.load_source(str(src))
+        p_src = Path(src).expanduser()
+        files = [p_src if p_src.is_file() else p_src / "params"]
+    else:
+        files = source_files(src, spec.prefer, revision=revision, cache_dir=cache_dir)
+        for o in overlays:
+            files += source_files(o, spec.prefer, cache_dir=cache_dir)
+        source = SourceCheckpoint(files)
     label = str(src) + "".join(f" + {o}" for o in overlays)
 
     def vae_from_file(model, target, report):

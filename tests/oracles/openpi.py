@@ -139,3 +139,53 @@ def lerobot_flow_loss(v_t, u_t, original_action_dim):
     ``[B, H, max_action_dim]`` cut to the first ``original_action_dim`` dims, then one plain mean."""
     losses = F.mse_loss(u_t, v_t, reduction="none")
     return losses[:, :, :original_action_dim].mean()
+
+
+# ---------------------------------------------------------------------------------------------- JAX layouts
+# openpi ``models/gemma.py`` / big_vision ``vit.py`` / flax ``nnx`` modules applied to arrays in their own JAX layout
+# (acot_pi0.md §1.1, §2.4), numpy: the einsum strings of the source, so a converted PyTorch module can be checked
+# against the tree it came from.
+def gemma_q(x, q_w):
+    """``Attention``: ``q = einsum("BTD,NDH->BTNH")`` with ``q_einsum/w [N, D, H]`` (one layer); x [T, D]."""
+    return np.einsum("td,ndh->tnh", x, q_w)
+
+
+def gemma_kv(x, kv_w):
+    """``kv_einsum/w [2, K, D, H]`` (one layer): ``k, v = einsum("BSD,2KDH->2BSKH")``."""
+    kv = np.einsum("td,jkdh->jtkh", x, kv_w)
+    return kv[0], kv[1]
+
+
+def gemma_attn_vec(enc, w):
+    """``attn_vec_einsum/w [N, H, D]`` (one layer): ``einsum("BTNH,NHD->BTD")``; enc [T, N, H]."""
+    return np.einsum("tnh,nhd->td", enc, w)
+
+
+def gemma_gating(x, gating):
+    """``FeedForward``: ``gating_einsum [2, D, F]`` → (gate input, up input) = ``x @ gating[0]``, ``x @ gating[1]``."""
+    return x @ gating[0], x @ gating[1]
+
+
+def nnx_linear(x, kernel, bias=None):
+    """``nnx.Linear`` / flax ``Dense``: ``x @ kernel [in, out] + bias``."""
+    return x @ kernel + (0 if bias is None else bias)
+
+
+def big_vision_patches(img_hwc, kernel, bias):
+    """big_vision ``embedding`` conv (stride = kernel size, VALID) with an HWIO kernel ``[p, p, 3, C]``, written as
+    a sum over non-overlapping patches: ``[h, w, C]``."""
+    p = kernel.shape[0]
+    H, W, c = img_hwc.shape
+    x = img_hwc[: H // p * p, : W // p * p].reshape(H // p, p, W // p, p, c)
+    return np.einsum("ipjqc,pqcd->ijd", x, kernel) + bias
+
+
+def mha_in(x, kernel, bias):
+    """flax ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` query / key / value:
+    ``einsum("td,dnh->tnh", x, kernel [D, heads, hd]) + bias [heads, hd]``."""
+    return np.einsum("td,dnh->tnh", x, kernel) + bias
+
+
+def mha_out(y, kernel, bias):
+    """Their ``out``: ``einsum("tnh,nhd->td", y [T, heads, hd], kernel [heads, hd, D]) + bias``."""
+    return np.einsum("tnh,nhd->td", y, kernel) + bias
