@@ -11,6 +11,17 @@
   ``model.action_in_proj`` …; transformers 4.x and 5.x layouts) → the ``pi0`` / ``pi05`` recipes (experts
   vlm / act). Normalisation statistics next to the weights (lerobot's normalizer-processor safetensors, or
   openpi's ``norm_stats.json``) are carried over.
+- ``pi0-jax`` / ``pi05-jax`` / ``acot-jax``: openpi / ACoT-VLA JAX ``params`` trees (a ``.npz`` of the flattened
+  ``/`` names, or an orbax folder with ``vla-blocks[orbax]``; :mod:`vla_blocks.models.openpi_convert`) → the
+  ``pi0`` / ``pi05`` / ``acot-libero`` recipes, with ``flow.numerics: jax`` by default.
+
+Recipe fields come from the upstream config files beside the weights (lerobot's ``config.json``: chunk size,
+tokenizer length, cameras, state / action dims, normalisation, pi0 vs pi0.5; BAGEL's ``llm_config.json`` /
+``vit_config.json``) and from the tensors (widths, depths, heads, head_dim, vocabulary), then the overrides; two of
+them disagreeing on a field is an error listing every such field (:func:`recipe_fields`). A tokenizer in the
+source folder is copied into ``OUT/tokenizer`` (HALO's recipe points at it), so the folder needs nothing else.
+The model-specific knowledge lives beside each model (:mod:`vla_blocks.models.halo.convert`,
+:mod:`vla_blocks.models.pi0_convert`, :mod:`vla_blocks.models.openpi_convert`); the old names stay importable here.
 
 Every source key is mapped, dropped for a stated reason (regenerated table, tied LM head, unused expert LM
 head, RoPE buffer), or reported: unmapped keys are an error listing them unless ``allow_unmapped``. Target
@@ -681,11 +692,13 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(p):
     p.add_argument("kind", choices=sorted(CONVERTERS), help="upstream format: halo (HALO/BAGEL ema.safetensors), "
-                   "pi0 / pi05 (lerobot PyTorch checkpoints)")
-    p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]")
+                   "pi0 / pi05 (lerobot PyTorch checkpoints), pi0-jax / pi05-jax / acot-jax (openpi / ACoT-VLA "
+                   "JAX params trees)")
+    p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]; JAX kinds: a .npz of "
+                   "the flattened tree or an orbax checkpoint folder")
     p.add_argument("out", help="output folder (written atomically, loadable with local-dir:OUT)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    p.add_argument("--recipe", help="recipe to convert into (default: halo, pi0 or pi05)")
+    p.add_argument("--recipe", help="recipe to convert into (default: halo, pi0, pi05 or acot-libero)")
     p.add_argument("--overlay", action="append", default=[], metavar="SRC",
                    help="more weights whose tensors replace SRC's (e.g. HALO's fine-tune over the pre-train)")
     p.add_argument("--vae", help="VAE weights for halo (FLUX ae.safetensors, a folder or hf-hub:org/name)")
