@@ -418,7 +418,8 @@ def test_full_size_halo_checkpoint_layout_maps_onto_the_halo_recipe():
     shapes = bagel_shapes(28, 1536, 12, 2, 128, 8960, 8960, 151933, vit, vit_side=70, latent_side=64, action_dim=14)
     report = check_mapping("halo", shapes, allow_missing=["vae"])
     assert report.inferred == {  # read off the tensors (HALO: Qwen2.5-1.5B, SigLIP so400m truncated to 26 layers)
-        "backbone.config.vocab_size": 151933, "backbone.config.hidden_size": 1536, "backbone.config.num_hidden_layers": 28,
+        "backbone.config.vocab_size": 151933, "backbone.config.hidden_size": 1536,
+        "backbone.config.num_hidden_layers": 28,
         "backbone.config.intermediate_size": 8960, "backbone.config.head_dim": 128,
         "backbone.config.num_attention_heads": 12, "backbone.config.num_key_value_heads": 2, "action_dim": 14,
         "vision.config.hidden_size": 1152, "vision.num_layers": 26, "vision.config.intermediate_size": 4304}

@@ -98,8 +98,8 @@ def test_halo_llm_and_vit_configs_set_the_recipe_and_the_qwen2_tokenizer_travels
         "hidden_size": tc.D, "intermediate_size": tc.FFN, "num_hidden_layers": tc.LAYERS, "num_attention_heads": tc.H,
         "num_key_value_heads": tc.HKV, "vocab_size": 999, "rope_theta": 5000.0, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False, "qk_norm": True}))
-    (src / "vit_config.json").write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-                                                     "num_hidden_layers": 3, "patch_size": 8}))
+    vit = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3, "patch_size": 8}
+    (src / "vit_config.json").write_text(json.dumps(vit))
     _raw_byte_tokenizer(SPECIAL_TOKENS[:5]).save(str(src / "tokenizer.json"))
     out, report = convert("halo", src, tmp_path / "out", recipe="halo-tiny", vae=str(src / "vae.safetensors"),
                           overrides={"tokenizer.kind": "auto"})

@@ -49,6 +49,8 @@ def test_real_dim_loss_in_acot_covers_both_heads():
 def test_loss_dims_is_validated():
     with pytest.raises(ValueError, match="loss_dims"):
         build("pi0-tiny", **{"loss_dims": "some"})
+    with pytest.raises(ValueError, match="needs real_action_dim"):
+        build("pi0-tiny", **{"loss_dims": "real"})
 
 
 # ---------------------------------------------------------------------------------------------- item 10

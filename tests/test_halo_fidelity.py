@@ -58,7 +58,8 @@ def test_prompt_only_lowercases_and_strips_trailing_dots(instruction):
 
 
 def test_prompt_keeps_surrounding_whitespace():
-    assert format_prompt("  Pick UP the cup..") == "You are an embodied agent. Your task is to:   pick up the cup. Plan and act."
+    got = format_prompt("  Pick UP the cup..")
+    assert got == "You are an embodied agent. Your task is to:   pick up the cup. Plan and act."
     assert format_prompt("Stack. ") == "You are an embodied agent. Your task is to: stack. . Plan and act."
 
 

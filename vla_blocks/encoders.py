@@ -254,7 +254,8 @@ def patchify_images_navit(images, patch_size: int, max_num_patches: int, antiali
             if th % p or tw % p or th <= 0 or tw <= 0 or (th // p) * (tw // p) > max_num_patches:
                 raise ValueError(f"sizes[{i}] = {(th, tw)} must be positive multiples of the patch size {p} with at "
                                  f"most max_num_patches={max_num_patches} patches")
-        x = x if sizes is not None and (th, tw) == (H, W) else F.interpolate(x[None], size=(th, tw), mode="bilinear", align_corners=False, antialias=antialias)[0]
+        if sizes is None or (th, tw) != (H, W):
+            x = F.interpolate(x[None], size=(th, tw), mode="bilinear", align_corners=False, antialias=antialias)[0]
         x = x * 2.0 - 1.0
         h, w = th // p, tw // p
         patches = x.reshape(3, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h * w, p * p * 3)

@@ -69,8 +69,8 @@ def splits(history, prompt_len, thought_len, vit, lat, chunk, goal=None):
 
 
 def rope_ids(plan):
-    """RoPE ids of a plan of :func:`splits` triples, by BAGEL's ``pack_sequence`` (:func:`oracles.bagel.pack_positions`);
-    a ``(0, None, "skip")`` entry is an image left out by condition dropout."""
+    """RoPE ids of a plan of :func:`splits` triples, by BAGEL's ``pack_sequence``
+    (:func:`oracles.bagel.pack_positions`); a ``(0, None, "skip")`` entry is an image left out by condition dropout."""
     from .bagel import pack_positions
     return pack_positions([(kind, n) for n, _, kind in plan])
 

@@ -162,7 +162,7 @@ def gemma_attn_vec(enc, w):
 
 
 def gemma_gating(x, gating):
-    """``FeedForward``: ``gating_einsum [2, D, F]`` → (gate input, up input) = ``x @ gating[0]``, ``x @ gating[1]``."""
+    """``FeedForward``: ``gating_einsum [2, D, F]`` → (gate, up) inputs = ``x @ gating[0]``, ``x @ gating[1]``."""
     return x @ gating[0], x @ gating[1]
 
 

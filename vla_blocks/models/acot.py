@@ -14,7 +14,8 @@ reasoner, a gemma_300m) and ``act`` (the final action expert, a gemma_300m). Per
    only one reasoner is on); time enters the action expert through adaRMS (``time_mlp_in/out``).
 
 Training (teacher forcing): the action head is conditioned on the ground-truth coarse trajectory; one time
-sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims (``loss_dims: real``: over the real dims).
+sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims
+(``loss_dims: real``: over the real dims).
 Upstream runs the LLM three times per step ([prefix], [prefix+EAR], [prefix+action]); here the prefix runs
 once and both suffixes go in ONE pass as two noise segments that both start at the prefix's valid length
 (RoPE ``sequential_hold``), reading the prefix cache with gradients: same loss and gradients (tested).
@@ -259,7 +260,8 @@ class ACoTVLA(Pi0Model):
 #: Loading a pi0.5 checkpoint into an ACoT recipe as upstream initialises ACoT from pi0.5: the EAR expert and the
 #: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
 #: reasoner modules (new in ACoT) keep their initialisation.
-#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **ACOT_FROM_PI05)`` (also ``vla_blocks.hub.ACOT_FROM_PI05``).
+#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **ACOT_FROM_PI05)``
+#: (also importable as ``vla_blocks.hub.ACOT_FROM_PI05``).
 ACOT_FROM_PI05: dict = {
     "expert_map": {"ear": "act"},
     "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",

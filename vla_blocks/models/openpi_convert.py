@@ -139,7 +139,8 @@ def _stack_rules(a: Mapping[str, np.ndarray]):
         elif m := re.fullmatch(re.escape(LLM) + r"final_norm(_\d)?/Dense_0/(kernel|bias)", key):
             e, kernel = m[1] or "", m[2] == "kernel"
             add(key, s[::-1] if kernel else s, (lambda arr=arr, k=kernel: arr.T if k else arr),
-                (lambda ex, e=e, k=kernel: f"language_model.stack.norms.{ex[e]}.dense.{'weight' if k else 'bias'}"), key)
+                (lambda ex, e=e, k=kernel:
+                 f"language_model.stack.norms.{ex[e]}.dense.{'weight' if k else 'bias'}"), key)
         elif key == LLM + "embedder/input_embedding":
             add(key, s, (lambda arr=arr: arr), (lambda ex: "language_model.embed_tokens.weight"), key)
         elif key.startswith(IMG):

@@ -106,6 +106,8 @@ class Pi0ConfigFields:
             raise ValueError(f"real_action_dim must be in [1, action_dim={self.action_dim}], got {self.real_action_dim}")
         if self.loss_dims not in ("padded", "real"):
             raise ValueError(f"loss_dims: {self.loss_dims!r} is not one of ['padded', 'real']")
+        if self.loss_dims == "real" and self.real_action_dim is None:
+            raise ValueError("loss_dims: real needs real_action_dim (the dims lerobot's loss averages over)")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -429,7 +431,7 @@ class Pi0Model(VLAModel):
     def loss_dim_mask(self) -> torch.Tensor | None:
         """The flow loss's dim mask of ``loss_dims``: None (``padded``) or the first ``real_action_dim`` dims."""
         c = self.config
-        if c.loss_dims == "padded" or c.real_action_dim is None:
+        if c.loss_dims == "padded":
             return None
         return torch.arange(c.action_dim, device=self.device) < c.real_action_dim
 

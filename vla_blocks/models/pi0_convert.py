@@ -97,8 +97,8 @@ def infer_pi0(shapes: Mapping[str, tuple], head_dim: int | None = None) -> dict[
         out["backbone.config.vocab_size"], out["backbone.config.hidden_size"] = emb
     for expert, prefix in (("vlm", "backbone.config."), ("act", "action_expert.")):
         L = f"language_model.stack.layers.{{}}.experts.{expert}."
-        layers = [int(m[1]) for t in t2s if (m := re.match(rf"^language_model\.stack\.layers\.(\d+)\.experts\.{expert}\.",
-                                                           t))]
+        pat = re.compile(rf"^language_model\.stack\.layers\.(\d+)\.experts\.{expert}\.")
+        layers = [int(m[1]) for t in t2s if (m := pat.match(t))]
         if layers and expert == "vlm":
             out[prefix + "num_hidden_layers"] = max(layers) + 1
         gate = t2s.get(L.format(0) + "mlp.gate_proj.weight")

@@ -117,9 +117,10 @@ _VIT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 
 
 def read_halo_configs(folder: str | Path) -> dict[str, Any]:
-    """Recipe fields from BAGEL / HALO's ``llm_config.json`` (Qwen2: sizes but the vocabulary, RoPE θ, norm eps, tied head; ``head_dim``
-    = hidden / heads when absent; ``qk_norm``; HALO's ``action_expert_mlp_ratio`` → ``experts.act.ffn_ratio``) and
-    ``vit_config.json`` (SigLIP sizes and patch) in ``folder``. Missing files give nothing."""
+    """Recipe fields from BAGEL / HALO's ``llm_config.json`` (Qwen2: sizes but the vocabulary, RoPE θ, norm eps,
+    tied head; ``head_dim`` = hidden / heads when absent; ``qk_norm``; HALO's ``action_expert_mlp_ratio`` →
+    ``experts.act.ffn_ratio``) and ``vit_config.json`` (SigLIP sizes and patch) in ``folder``. Missing files give
+    nothing."""
     folder, out = Path(folder), {}
     llm = folder / "llm_config.json"
     if llm.is_file():

@@ -118,8 +118,8 @@ class HaloModel(HaloPlanner, VLAModel):
         if c.vit_resize == "bagel":
             th, tw = bagel_resize_size(int(height), int(width), c.vit_max_size, c.vit_min_size, p, c.image_max_pixels)
             if (th // p) * (tw // p) > self.vit_model.max_num_patches:
-                raise ValueError(f"vit_resize=bagel: a {height}×{width} frame becomes {th // p}×{tw // p} ViT patches, "
-                                 f"more than vision.max_num_patches={self.vit_model.max_num_patches}")
+                raise ValueError(f"vit_resize=bagel: a {height}×{width} frame becomes {th // p}×{tw // p} ViT "
+                                 f"patches, more than vision.max_num_patches={self.vit_model.max_num_patches}")
             return th, tw
         return navit_size(int(height), int(width), p, self.vit_model.max_num_patches)
 
