@@ -67,9 +67,10 @@ def implicit_tokens_from_prefix_pass(model, batch):
     return model.implicit_action_reasoner(K, V, prefix.valid if model.config.iar.mask_padding else None)
 
 
-def three_pass_loss(model, batch, kind="mse"):
+def three_pass_loss(model, batch, kind="mse", dims=None):
     """Upstream ``compute_loss``: three LLM passes, each recomputing the prefix; teacher forcing; shared t.
-    ``kind="l1"`` takes |·| in place of (·)² (a recipe variant with HALO's loss)."""
+    ``kind="l1"`` takes |·| in place of (·)² (a recipe variant with HALO's loss); ``dims``: average only the first
+    ``dims`` action dims (lerobot's reduction, ``loss_dims: real``)."""
     err = (lambda d: d ** 2) if kind == "mse" else torch.abs
     c = model.config
     H, Hc, s = c.action_horizon, c.ear.horizon, c.ear.stride
@@ -95,8 +96,8 @@ def three_pass_loss(model, batch, kind="mse"):
     h_ref = full_pass(model, batch, EAR, "coarse_actions", ear_in, ear_cond)  # pass 2
     act_in = action_guided_prediction(model, act_in, coarse, z_im)  # teacher forcing: the true coarse trajectory
     h = full_pass(model, batch, ACT, "actions", act_in, act_cond)  # pass 3
-    loss_ref = err(linear(model.coarse_action_out_proj, h_ref) - u_ref).mean()
-    loss_act = err(linear(model.action_out_proj, h) - u).mean()
+    loss_ref = err(linear(model.coarse_action_out_proj, h_ref) - u_ref)[..., :dims].mean()
+    loss_act = err(linear(model.action_out_proj, h) - u)[..., :dims].mean()
     return loss_ref + loss_act, loss_ref, loss_act
 
 

@@ -376,6 +376,10 @@ def test_pi05_from_fake_hub_cache_and_cli(tmp_path, offline_hub, capsys):
     write_lerobot(tmp_path / "pi0src", pi05=False)
     assert main(["convert", "pi05", str(tmp_path / "pi0src"), str(tmp_path / "x"), "--recipe", "pi05-tiny"]) == 2
     err = capsys.readouterr().err
+    assert "config.json is a pi0 policy; convert it as `pi0`" in err  # lerobot's config.json says so
+    (tmp_path / "pi0src" / "config.json").unlink()  # without it, the tensors say so
+    assert main(["convert", "pi05", str(tmp_path / "pi0src"), str(tmp_path / "x"), "--recipe", "pi05-tiny"]) == 2
+    err = capsys.readouterr().err
     assert "state_proj" in err and "convert pi0" in err
     # not cached and offline
     assert main(["convert", "pi0", "hf-hub:lerobot/pi0_base", str(tmp_path / "y")]) == 2
@@ -413,7 +417,12 @@ def test_full_size_halo_checkpoint_layout_maps_onto_the_halo_recipe():
     vit = dict(layers=26, width=1152, mlp=4304, patch=(588,), positions=4900)
     shapes = bagel_shapes(28, 1536, 12, 2, 128, 8960, 8960, 151933, vit, vit_side=70, latent_side=64, action_dim=14)
     report = check_mapping("halo", shapes, allow_missing=["vae"])
-    assert report.inferred == {"backbone.config.vocab_size": 151933, "action_dim": 14}
+    assert report.inferred == {  # read off the tensors (HALO: Qwen2.5-1.5B, SigLIP so400m truncated to 26 layers)
+        "backbone.config.vocab_size": 151933, "backbone.config.hidden_size": 1536,
+        "backbone.config.num_hidden_layers": 28,
+        "backbone.config.intermediate_size": 8960, "backbone.config.head_dim": 128,
+        "backbone.config.num_attention_heads": 12, "backbone.config.num_key_value_heads": 2, "action_dim": 14,
+        "vision.config.hidden_size": 1152, "vision.num_layers": 26, "vision.config.intermediate_size": 4304}
     assert not report.unmapped and not report.missing and len(report.mapped) == len(shapes) - 2
     assert sorted(report.regenerated) == ["latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"]
 

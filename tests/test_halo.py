@@ -39,7 +39,7 @@ def reference_splits(sample: HaloSample, tok):
     """The hand-counted splits of ``sample``'s plan (oracles.halo.splits) at halo-tiny's geometry."""
     thought = None if sample.thought is None else len(tok.encode(sample.thought))
     return halo_oracle.splits(len(sample.history), len(tok.encode(format_prompt(sample.instruction))), thought,
-                              VIT, LAT, CHUNK)
+                              VIT, LAT, CHUNK, goal=sample.goal is not None)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -433,7 +433,9 @@ def test_condition_dropout_leaves_out_conditions_never_targets():
     m = cfg.build().train()
     s = _samples()[0]
     plan = [(it.source, it.kind) for it in m.collate([s])["plans"][0]]
-    assert plan == [("thought", "text"), ("goal", "vae_noisy"), ("goal", "vae"), ("goal", "vit"), ("action", "action")]
+    skips = [(f"history[{i}]", "skip") for i in range(len(s.history)) for _ in range(2)]  # RoPE still advances
+    assert plan == skips + [("thought", "text"), ("goal", "vae_noisy"), ("goal", "vae"), ("goal", "vit"),
+                            ("action", "action")]
     full = [(it.source, it.kind) for it in m.collate([s], cond_dropout=False)["plans"][0]]
     assert full[:4] == [("history[0]", "vae"), ("history[0]", "vit"), ("history[1]", "vae"), ("history[1]", "vit")]
     assert [(it.source, it.kind) for it in m.eval().collate([s])["plans"][0]] == full  # off in eval mode

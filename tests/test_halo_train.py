@@ -50,4 +50,4 @@ def test_tiny_halo_learns_synthetic_emcot():
     for s in data[:2]:
         colour = s.instruction.split()[2]
         trace = model.infer(s.history, s.instruction, generator=torch.Generator().manual_seed(0))
-        assert trace.reasoning.startswith(f"<|plan|>move the {colour} block"), trace.reasoning
+        assert trace.reasoning.startswith(f"\n<|plan|>\nmove the {colour} block"), trace.reasoning

@@ -7,7 +7,8 @@
 - :class:`ConcatTimeMLP` (pi0) and :class:`AdaRMSTimeMLP` (pi0.5: the cond of :class:`vla_blocks.mot.AdaRMSNorm`).
 
 All embeddings are computed in float64 and returned in float32 (cast them to the model dtype yourself,
-or let the modules here do it).
+or let the modules here do it), except :func:`posemb_sincos` with ``numerics="jax"``, which computes in
+float32 the way openpi's / ACoT-VLA's JAX code does (see :data:`NUMERICS`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["posemb_sincos", "timestep_sinusoid", "sincos_1d_table", "sincos_2d_table", "TimestepEmbedder",
+__all__ = ["NUMERICS", "posemb_sincos", "timestep_sinusoid", "sincos_1d_table", "sincos_2d_table", "TimestepEmbedder",
            "ConcatTimeMLP", "AdaRMSTimeMLP"]
 
 
@@ -38,14 +39,41 @@ def _check_dim(dim, even=True):
         raise ValueError(f"dim must be even, got {dim}")
 
 
-def posemb_sincos(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
+#: How time embeddings and Euler times are computed: ``torch`` (lerobot / vla_blocks: float64 embedding, a float64
+#: ``linspace`` time grid) or ``jax`` (openpi / ACoT-VLA JAX: everything in float32, Euler time accumulated as
+#: ``t += dt``). With period 4e-3 the embedding's argument reaches ~1,500 rad, so the two differ by up to ~2e-4.
+NUMERICS = ("torch", "jax")
+
+
+def _check_numerics(numerics: str) -> str:
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics: {numerics!r} is not one of {list(NUMERICS)}")
+    return numerics
+
+
+def posemb_sincos(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0,
+                  numerics: str = "torch") -> torch.Tensor:
     """openpi ``posemb_sincos``: periods ``min_period·(max_period/min_period)^linspace(0, 1, dim/2)``,
     output ``[sin(2π t/period) ‖ cos(2π t/period)]`` of shape ``t.shape + (dim,)``, float32.
+
+    ``numerics="torch"``: computed in float64 (lerobot). ``"jax"``: in float32 in openpi's order: fraction
+    ``i/(n−1)``, ``period = min_period·ratio^fraction`` (the power correctly rounded to float32),
+    ``scale = (1/period)·2·π``, argument ``t·scale``, then sin / cos, every step rounded to float32.
 
     Example: ``posemb_sincos(torch.rand(8), 1024)`` → [8, 1024].
     """
     _check_dim(dim)
     t = _as_time(t)
+    if _check_numerics(numerics) == "jax":
+        f32 = torch.float32
+        n = dim // 2
+        frac = torch.arange(n, dtype=f32, device=t.device) / max(n - 1, 1)
+        ratio = torch.tensor(max_period / min_period, dtype=f32, device=t.device)
+        power = (ratio.double() ** frac.double()).to(f32)
+        period = torch.tensor(min_period, dtype=f32, device=t.device) * power
+        scale = (1.0 / period) * 2.0 * torch.tensor(math.pi, dtype=f32, device=t.device)
+        x = t.to(f32)[..., None] * scale
+        return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
     frac = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** frac
     x = t.to(torch.float64)[..., None] * (2.0 * math.pi / period)
@@ -138,9 +166,10 @@ class ConcatTimeMLP(nn.Module):
     Example: ``ConcatTimeMLP(W)(action_in_proj(x_t), t)`` with x_t [B, H, A], t [B] → [B, H, W].
     """
 
-    def __init__(self, width: int, min_period: float = 4e-3, max_period: float = 4.0):
+    def __init__(self, width: int, min_period: float = 4e-3, max_period: float = 4.0, numerics: str = "torch"):
         super().__init__()
         self.width, self.min_period, self.max_period = width, min_period, max_period
+        self.numerics = _check_numerics(numerics)
         self.action_time_mlp_in = nn.Linear(2 * width, width)
         self.action_time_mlp_out = nn.Linear(width, width)
 
@@ -152,7 +181,7 @@ class ConcatTimeMLP(nn.Module):
             t = t.expand(action_emb.shape[0])
         if t.shape != action_emb.shape[:1]:
             raise ValueError(f"t must be [B={action_emb.shape[0]}] or a scalar, got {tuple(t.shape)}")
-        temb = posemb_sincos(t, self.width, self.min_period, self.max_period).to(action_emb.dtype)
+        temb = posemb_sincos(t, self.width, self.min_period, self.max_period, self.numerics).to(action_emb.dtype)
         temb = temb[:, None, :].expand_as(action_emb)
         x = self.action_time_mlp_in(torch.cat([action_emb, temb], dim=-1))
         return self.action_time_mlp_out(F.silu(x))
@@ -165,12 +194,14 @@ class AdaRMSTimeMLP(nn.Module):
     Example: ``cond = AdaRMSTimeMLP(W)(t)``; broadcast it over the expert's tokens.
     """
 
-    def __init__(self, width: int, min_period: float = 4e-3, max_period: float = 4.0):
+    def __init__(self, width: int, min_period: float = 4e-3, max_period: float = 4.0, numerics: str = "torch"):
         super().__init__()
         self.width, self.min_period, self.max_period = width, min_period, max_period
+        self.numerics = _check_numerics(numerics)
         self.time_mlp_in = nn.Linear(width, width)
         self.time_mlp_out = nn.Linear(width, width)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        temb = posemb_sincos(t, self.width, self.min_period, self.max_period).to(self.time_mlp_in.weight.dtype)
+        temb = posemb_sincos(t, self.width, self.min_period, self.max_period, self.numerics).to(
+            self.time_mlp_in.weight.dtype)
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))

@@ -11,6 +11,17 @@
   ``model.action_in_proj`` …; transformers 4.x and 5.x layouts) → the ``pi0`` / ``pi05`` recipes (experts
   vlm / act). Normalisation statistics next to the weights (lerobot's normalizer-processor safetensors, or
   openpi's ``norm_stats.json``) are carried over.
+- ``pi0-jax`` / ``pi05-jax`` / ``acot-jax``: openpi / ACoT-VLA JAX ``params`` trees (a ``.npz`` of the flattened
+  ``/`` names, or an orbax folder with ``vla-blocks[orbax]``; :mod:`vla_blocks.models.openpi_convert`) → the
+  ``pi0`` / ``pi05`` / ``acot-libero`` recipes, with ``flow.numerics: jax`` by default.
+
+Recipe fields come from the upstream config files beside the weights (lerobot's ``config.json``: chunk size,
+tokenizer length, cameras, state / action dims, normalisation, pi0 vs pi0.5; BAGEL's ``llm_config.json`` /
+``vit_config.json``) and from the tensors (widths, depths, heads, head_dim, vocabulary), then the overrides; two of
+them disagreeing on a field is an error listing every such field (:func:`recipe_fields`). A tokenizer in the
+source folder is copied into ``OUT/tokenizer`` (HALO's recipe points at it), so the folder needs nothing else.
+The model-specific knowledge lives beside each model (:mod:`vla_blocks.models.halo.convert`,
+:mod:`vla_blocks.models.pi0_convert`, :mod:`vla_blocks.models.openpi_convert`); the old names stay importable here.
 
 Every source key is mapped, dropped for a stated reason (regenerated table, tied LM head, unused expert LM
 head, RoPE buffer), or reported: unmapped keys are an error listing them unless ``allow_unmapped``. Target
@@ -165,174 +176,112 @@ KeyMap = Callable[[str], "tuple[str | None, str | None]"]
 
 _ROPE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-
-def halo_key_map(experts: list[str]) -> KeyMap:
-    """BAGEL / HALO names → ours. Suffix ``""`` → the first expert (und), ``_moe_X`` → expert ``X``."""
-    first = experts[0]
-
-    def expert(suffix: str | None) -> str | None:
-        if not suffix:
-            return first
-        name = suffix[len("_moe_"):]
-        return name if name in experts else None
-
-    L = r"^language_model\.model\.layers\.(\d+)\."
-    rules = [
-        (re.compile(L + r"self_attn\.([qkvo])_proj(_moe_\w+)?\.(weight|bias)$"),
-         lambda m, e: f"lm.stack.layers.{m[1]}.experts.{e}.{m[2]}_proj.{m[4]}", 3),
-        (re.compile(L + r"self_attn\.([qk])_norm(_moe_\w+)?\.weight$"),
-         lambda m, e: f"lm.stack.layers.{m[1]}.experts.{e}.{m[2]}_norm.weight", 3),
-        (re.compile(L + r"(input_layernorm|post_attention_layernorm)(_moe_\w+)?\.weight$"),
-         lambda m, e: f"lm.stack.layers.{m[1]}.experts.{e}.{m[2]}.weight", 3),
-        (re.compile(L + r"mlp(_moe_\w+)?\.(gate|up|down)_proj\.weight$"),
-         lambda m, e: f"lm.stack.layers.{m[1]}.experts.{e}.mlp.{m[3]}_proj.weight", 2),
-        (re.compile(r"^language_model\.model\.norm(_moe_\w+)?\.weight$"),
-         lambda m, e: f"lm.stack.norms.{e}.weight", 1),
-    ]
-    same = ("connector.", "time_embedder.", "vae2llm.", "llm2vae.", "input_linear_layer.", "output_linear_layer.",
-            "action_time_embedder.")
-    regenerated = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
-
-    def fn(key: str):
-        if key in regenerated:
-            return None, "fixed sin-cos table: regenerated"
-        if _ROPE.search(key):
-            return None, "RoPE inverse frequencies: recomputed"
-        if key == "language_model.model.embed_tokens.weight":
-            return "lm.embed_tokens.weight", None
-        if key == "language_model.lm_head.weight":
-            return "lm.lm_head.weight", None
-        if key.startswith("vit_model.vision_model."):
-            return "vit_model.model." + key[len("vit_model.vision_model."):], None
-        if key.startswith(same):
-            return key, None
-        for pat, target, group in rules:
-            m = pat.match(key)
-            if m:
-                e = expert(m[group])
-                return (target(m, e), None) if e else (None, None)
-        return None, None
-    return fn
-
-
-_PALI = ("paligemma_with_expert.paligemma.model.", "paligemma_with_expert.paligemma.")
-_EXPERT = "paligemma_with_expert.gemma_expert."
-_PI_TOP = ("action_in_proj.", "action_out_proj.", "time_mlp_in.", "time_mlp_out.", "state_proj.",
-           "action_time_mlp_in.", "action_time_mlp_out.")
-
-
-def _gemma_layer(rest: str, expert: str) -> str | None:
-    m = re.match(r"^layers\.(\d+)\.(?:self_attn\.)?((?:[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight|"
-                 r"(?:input_layernorm|post_attention_layernorm)\.(?:weight|dense\.weight|dense\.bias))$", rest)
-    if m:
-        return f"language_model.stack.layers.{m[1]}.experts.{expert}.{m[2]}"
-    m = re.match(r"^norm\.(weight|dense\.weight|dense\.bias)$", rest)
-    if m:
-        return f"language_model.stack.norms.{expert}.{m[1]}"
-    return None
-
-
-def lerobot_pi0_key_map(vlm: str = "vlm", act: str = "act") -> KeyMap:
-    """lerobot's pi0 / pi0.5 names (transformers 4.x ``paligemma.language_model.model`` and 5.x
-    ``paligemma.model.language_model`` layouts, with or without the policy's ``model.`` prefix) → ours."""
-
-    def fn(key: str):
-        k = key[len("model."):] if key.startswith("model.paligemma_with_expert.") or \
-            key.startswith(tuple("model." + t for t in _PI_TOP)) else key
-        if _ROPE.search(k):
-            return None, "RoPE inverse frequencies: recomputed"
-        if k.startswith(_PI_TOP):
-            return k, None
-        if k.startswith(_EXPERT):
-            rest = k[len(_EXPERT):]
-            if rest == "lm_head.weight":
-                return None, "the action expert's LM head is unused by pi0"
-            if rest == "model.embed_tokens.weight":
-                return None, "the action expert's token embedding is unused by pi0"
-            if rest.startswith("model."):
-                t = _gemma_layer(rest[len("model."):], act)
-                return (t, None) if t else (None, None)
-            return None, None
-        for p in _PALI:
-            if not k.startswith(p):
-                continue
-            rest = k[len(p):]
-            if rest in ("lm_head.weight", "language_model.lm_head.weight"):
-                return None, "PaliGemma's LM head: tied to embed_tokens"
-            for lm in ("language_model.model.", "language_model."):
-                if rest.startswith(lm):
-                    sub = rest[len(lm):]
-                    if sub == "embed_tokens.weight":
-                        return "language_model.embed_tokens.weight", None
-                    t = _gemma_layer(sub, vlm)
-                    if t:
-                        return t, None
-            if rest.startswith("vision_tower."):
-                sub = rest[len("vision_tower."):]
-                sub = sub[len("vision_model."):] if sub.startswith("vision_model.") else sub
-                return "vision_tower.model." + sub, None
-            if rest.startswith("multi_modal_projector."):
-                return rest, None
-        return None, None
-    return fn
+# the model-specific knowledge lives beside each model; re-exported here under the old names
+from .models.halo.convert import (HALO_CONFIG_FILES, QWEN2_TOKENIZER_FILES, halo_key_map,  # noqa: E402
+                                  infer_halo, read_halo_configs)
+from .models.openpi_convert import EXPERTS, JaxTreeSource, infer_openpi, read_jax_tree  # noqa: E402
+from .models.pi0_convert import (PALIGEMMA_TOKENIZER_FILES, infer_pi0, lerobot_pi0_key_map,  # noqa: E402
+                                 read_lerobot_config)
 
 
 # ---------------------------------------------------------------------------------------------- specs
 @dataclass
 class ConverterSpec:
-    """One upstream format: the default recipe, the key map, overrides read off the tensors, and extras."""
+    """One upstream format: the default recipe, the key map, the recipe fields read from the upstream config files
+    (``read_config(folder) -> (fields, facts)``) and off the tensors (``infer(shapes, facts)``), and extras.
+    ``tokenizer_files``: tokenizer files carried into the converted folder when the source has them;
+    ``tokenizer_field``: the recipe field that then points at them (None: the model takes no tokenizer)."""
 
     name: str
     recipe: str
-    key_map: Callable[[Any], KeyMap]  # (model config) -> key map
-    infer: Callable[[SourceCheckpoint], dict[str, Any]]
+    key_map: Callable[[Any, Any], KeyMap]  # (model config, source) -> key map
+    infer: Callable[[Mapping[str, tuple], dict], dict[str, Any]]
+    read_config: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]] | None = None
     prefer: tuple[str, ...] = ("model.safetensors",)
     base_models: tuple[str, ...] = ()
     regenerate: tuple[str, ...] = ()  # target tensors rebuilt by their module's reset_parameters()
+    tokenizer_files: tuple[str, ...] = ()
+    tokenizer_field: str | None = None
+    load_source: Callable[[str], Any] | None = None  # a non-safetensors source (openpi / ACoT JAX trees)
+    defaults: dict[str, Any] = field(default_factory=dict)  # recipe fields below config / tensors / overrides
     description: str = ""
 
 
-def _infer_halo(src: SourceCheckpoint) -> dict[str, Any]:
-    out = {}
-    s = src.shapes
-    if "language_model.model.embed_tokens.weight" in s:
-        out["backbone.config.vocab_size"] = s["language_model.model.embed_tokens.weight"][0]
-    if "input_linear_layer.weight" in s:
-        out["action_dim"] = s["input_linear_layer.weight"][1]
-    act = "language_model.model.layers.0.mlp_moe_act.gate_proj.weight"
-    und = "language_model.model.layers.0.mlp.gate_proj.weight"
-    if act in s and und in s and s[act][0] != s[und][0]:
-        out["experts.act.intermediate_size"] = s[act][0]
-    return out
+def _halo_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    return read_halo_configs(folder), {}
 
 
-def _infer_pi0(src: SourceCheckpoint) -> dict[str, Any]:
-    out = {}
-    fn = lerobot_pi0_key_map()
-    for k, shape in src.shapes.items():
-        t, _ = fn(k)
-        if t == "language_model.embed_tokens.weight":
-            out["backbone.config.vocab_size"] = shape[0]
-        elif t == "action_in_proj.weight":
-            out["action_dim"] = shape[1]
-        elif t == "state_proj.weight":
-            out["state_dim"] = shape[1]
-    return out
+def _jax_source(src: str) -> JaxTreeSource:
+    return JaxTreeSource(read_jax_tree(src), label=str(src))
+
+
+def _jax_spec(name: str, recipe: str, acot: bool, description: str) -> ConverterSpec:
+    experts = EXPERTS["acot" if acot else "pi0"]
+    return ConverterSpec(name, recipe, lambda cfg, src: src.key_map(experts),
+                         lambda shapes, facts: infer_openpi(shapes, acot), load_source=_jax_source,
+                         defaults={"flow.numerics": "jax"}, description=description)
 
 
 CONVERTERS: dict[str, ConverterSpec] = {
     "halo": ConverterSpec(
-        "halo", "halo", lambda cfg: halo_key_map(list(cfg.experts)), _infer_halo,
-        prefer=("ema.safetensors", "model.safetensors"), base_models=("qshou-coder/halo_pt_weight",),
+        "halo", "halo", lambda cfg, src: halo_key_map(list(cfg.experts)), lambda shapes, facts: infer_halo(shapes),
+        read_config=_halo_config, prefer=("ema.safetensors", "model.safetensors"),
+        base_models=("qshou-coder/halo_pt_weight",),
         regenerate=("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"),
+        tokenizer_files=QWEN2_TOKENIZER_FILES, tokenizer_field="tokenizer.path",
         description="HALO / BAGEL checkpoint (BAGEL Qwen2-MoT names, `_moe_gen` / `_moe_act` experts)"),
     "pi0": ConverterSpec(
-        "pi0", "pi0", lambda cfg: lerobot_pi0_key_map(), _infer_pi0, base_models=("lerobot/pi0_base",),
+        "pi0", "pi0", lambda cfg, src: lerobot_pi0_key_map(),
+        lambda shapes, facts: infer_pi0(shapes, facts.get("head_dim")), read_config=read_lerobot_config,
+        base_models=("lerobot/pi0_base",), tokenizer_files=PALIGEMMA_TOKENIZER_FILES,
         description="lerobot PyTorch pi0 checkpoint"),
     "pi05": ConverterSpec(
-        "pi05", "pi05", lambda cfg: lerobot_pi0_key_map(), _infer_pi0, base_models=("lerobot/pi05_base",),
+        "pi05", "pi05", lambda cfg, src: lerobot_pi0_key_map(),
+        lambda shapes, facts: infer_pi0(shapes, facts.get("head_dim")), read_config=read_lerobot_config,
+        base_models=("lerobot/pi05_base",), tokenizer_files=PALIGEMMA_TOKENIZER_FILES,
         description="lerobot PyTorch pi0.5 checkpoint"),
+    "pi0-jax": _jax_spec("pi0-jax", "pi0", False, "openpi JAX pi0 params tree"),
+    "pi05-jax": _jax_spec("pi05-jax", "pi05", False, "openpi JAX pi0.5 params tree"),
+    "acot-jax": _jax_spec("acot-jax", "acot-libero", True, "ACoT-VLA JAX params tree (`_1` EAR, `_2` action expert)"),
 }
+
+
+def recipe_fields(kind: str, shapes: Mapping[str, Iterable[int]], config_dir: str | os.PathLike | None = None,
+                  overrides: Mapping[str, Any] | list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe fields a conversion sets: read from the upstream config files in ``config_dir`` (lerobot's
+    ``config.json``; BAGEL's ``llm_config.json`` / ``vit_config.json``), off the tensor ``shapes``, and the
+    ``overrides``, merged in that order → ``(fields, facts)``. A field two of them set to different values is a
+    :class:`ConversionError` listing every such field with its values."""
+    if kind not in CONVERTERS:
+        raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
+    spec = CONVERTERS[kind]
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    overrides = dict(overrides or {})
+    from_config, facts = ({}, {})
+    if config_dir is not None and spec.read_config is not None:
+        try:
+            from_config, facts = spec.read_config(Path(config_dir))
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+    if "pi05" in from_config and kind in ("pi0", "pi05") and from_config["pi05"] != (kind == "pi05"):
+        raise ConversionError(f"{config_dir}: config.json is a {facts.get('type')} policy; convert it as "
+                              f"`{facts.get('type')}`, not `{kind}`")
+    from_tensors = spec.infer({k: tuple(v) for k, v in shapes.items()}, facts)
+    if kind in ("pi0-jax", "pi05-jax") and "pi05" in from_tensors and from_tensors["pi05"] != (kind == "pi05-jax"):
+        right = "pi05-jax" if from_tensors["pi05"] else "pi0-jax"
+        raise ConversionError(f"the tree's action expert has {'adaRMS' if from_tensors['pi05'] else 'plain RMS'} "
+                              f"norms: it is a {right[:-4]} tree; convert it as `{right}`, not `{kind}`")
+    sources = {"config": from_config, "tensors": from_tensors, "override": overrides}
+    conflicts = []
+    for key in sorted(set().union(*sources.values())):
+        vals = {name: src[key] for name, src in sources.items() if key in src}
+        if len({json.dumps(v, sort_keys=True, default=str) if not isinstance(v, (int, float)) or isinstance(v, bool)
+                else float(v) for v in vals.values()}) > 1:
+            conflicts.append(f"  {key}: " + ", ".join(f"{n}={v!r}" for n, v in vals.items()))
+    if conflicts:
+        raise ConversionError("the upstream config, the tensors and the overrides disagree:\n" + "\n".join(conflicts))
+    return {**spec.defaults, **from_config, **from_tensors, **overrides}, facts
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -351,11 +300,13 @@ class ConversionReport:
     mismatched: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)
     inferred: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         from .hub import _listing
         lines = [f"{len(self.mapped)} tensors mapped from {self.source}"
-                 + (f"; recipe values read off the tensors: {self.inferred}" if self.inferred else "")]
+                 + (f"; recipe values read from the upstream config and tensors: {self.inferred}"
+                    if self.inferred else "")]
         reasons: dict[str, int] = {}
         for r in self.dropped.values():
             reasons[r] = reasons.get(r, 0) + 1
@@ -498,8 +449,8 @@ class _Plan:
 
 
 def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow_unmapped: bool,
-          allow_missing: Iterable[str], vae: Callable[[nn.Module, dict, ConversionReport], dict] | None = None
-          ) -> tuple[_Plan, dict[str, torch.Tensor]]:
+          allow_missing: Iterable[str], vae: Callable[[nn.Module, dict, ConversionReport], dict] | None = None,
+          config_dir: Path | None = None) -> tuple[_Plan, dict[str, torch.Tensor]]:
     """Names and shapes: map every source key, or drop it with a reason, or report it; then account for every
     model tensor. Raises :class:`ConversionError` listing the problems."""
     if kind not in CONVERTERS:
@@ -508,13 +459,14 @@ def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow
     report = ConversionReport(source=label)
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
-    report.inferred = {k: v for k, v in spec.infer(source).items() if k not in (overrides or {})}
-    cfg = load_recipe(recipe or spec.recipe, {**report.inferred, **(overrides or {})})
+    fields, report.facts = recipe_fields(kind, getattr(source, "raw_shapes", source.shapes), config_dir, overrides)
+    report.inferred = {k: v for k, v in fields.items() if k not in (overrides or {}) and k not in spec.defaults}
+    cfg = load_recipe(recipe or spec.recipe, fields)
     allow_missing = list(allow_missing)
     with torch.device("meta"):
         model = cfg.build()
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    key_map = spec.key_map(cfg)
+    key_map = spec.key_map(cfg, source)
     plan: dict[str, str] = {}
     for k in source.keys():
         t, reason = key_map(k)
@@ -557,11 +509,18 @@ def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow
 
 def check_mapping(kind: str, shapes: Mapping[str, Iterable[int]], *, recipe: str | None = None,
                   overrides: Mapping[str, Any] | list[str] | None = None, allow_unmapped: bool = False,
-                  allow_missing: Iterable[str] = ()) -> ConversionReport:
+                  allow_missing: Iterable[str] = (), config_dir: str | os.PathLike | None = None) -> ConversionReport:
     """The names-and-shapes pass of :func:`convert` on ``{source key: shape}`` (no tensors, the model on the meta
-    device): check that a full-size checkpoint layout maps onto a recipe. Raises :class:`ConversionError`."""
-    p, _ = _plan(kind, ShapeSource(shapes), "<shapes>", recipe=recipe, overrides=overrides,
-                 allow_unmapped=allow_unmapped, allow_missing=allow_missing)
+    device): check that a full-size checkpoint layout maps onto a recipe (``config_dir``: a folder with the
+    upstream config files). Raises :class:`ConversionError`."""
+    if kind in CONVERTERS and CONVERTERS[kind].load_source is not None:  # a JAX tree: zero-stride stand-ins
+        import numpy as np
+        src = JaxTreeSource({k: np.broadcast_to(np.float32(0), tuple(v)) for k, v in shapes.items()}, "<shapes>")
+    else:
+        src = ShapeSource(shapes)
+    p, _ = _plan(kind, src, "<shapes>", recipe=recipe, overrides=overrides,
+                 allow_unmapped=allow_unmapped, allow_missing=allow_missing,
+                 config_dir=Path(config_dir) if config_dir is not None else None)
     p.report.regenerated = list(p.regen)
     return p.report
 
@@ -584,10 +543,17 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
     if kind not in CONVERTERS:
         raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
     spec = CONVERTERS[kind]
-    files = source_files(src, spec.prefer, revision=revision, cache_dir=cache_dir)
-    for o in overlays:
-        files += source_files(o, spec.prefer, cache_dir=cache_dir)
-    source = SourceCheckpoint(files)
+    if spec.load_source is not None:
+        if overlays or vae:
+            raise ConversionError(f"{kind}: overlays and --vae are not used by JAX trees")
+        source = spec.load_source(str(src))
+        p_src = Path(src).expanduser()
+        files = [p_src if p_src.is_file() else p_src / "params"]
+    else:
+        files = source_files(src, spec.prefer, revision=revision, cache_dir=cache_dir)
+        for o in overlays:
+            files += source_files(o, spec.prefer, cache_dir=cache_dir)
+        source = SourceCheckpoint(files)
     label = str(src) + "".join(f" + {o}" for o in overlays)
 
     def vae_from_file(model, target, report):
@@ -609,8 +575,16 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
                 report.mapped[f"{vae}:{k}"] = t
         return out_state
 
+    src_dir = files[0].parent
+    tok_files = [src_dir / f for f in spec.tokenizer_files if (src_dir / f).is_file()]
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    overrides = dict(overrides or {})
+    if tok_files and spec.tokenizer_field and spec.tokenizer_field not in overrides:
+        overrides[spec.tokenizer_field] = str(src_dir)  # build with the source's tokenizer; saved as ./tokenizer
     p, vae_state = _plan(kind, source, label, recipe=recipe, overrides=overrides, allow_unmapped=allow_unmapped,
-                         allow_missing=allow_missing, vae=vae_from_file if vae is not None else None)
+                         allow_missing=allow_missing, vae=vae_from_file if vae is not None else None,
+                         config_dir=src_dir)
     cfg, model, target, plan, regen, fills, keep, report = (p.cfg, p.model, p.target, p.plan, p.regen, p.fills,
                                                             p.keep, p.report)
 
@@ -642,8 +616,30 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
     if spec.base_models and str(src).startswith("hf-hub:"):
         card["base_model"] = str(src)[len("hf-hub:"):].split("@")[0]
     folder = save_pretrained(model, out, max_shard_size=max_shard_size, card_kwargs=card)
+    if tok_files:
+        _carry_tokenizer(folder, tok_files, spec, report)
     logger.info("converted %s: %s", kind, report.summary())
     return folder, report
+
+
+def _carry_tokenizer(folder: Path, files: list[Path], spec: ConverterSpec, report: ConversionReport):
+    """Copy the source's tokenizer files into ``folder/tokenizer`` and point the saved config at them (a path
+    relative to the folder, resolved when the folder is loaded)."""
+    import shutil
+    dest = Path(folder) / "tokenizer"
+    dest.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dest / f.name)
+    report.notes.append(f"tokenizer carried: {', '.join(f.name for f in files)} -> tokenizer/")
+    if spec.tokenizer_field:
+        cfg_path = Path(folder) / "config.json"
+        data = json.loads(cfg_path.read_text())
+        node = data
+        *parents, leaf = spec.tokenizer_field.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = "tokenizer"
+        cfg_path.write_text(json.dumps(data, indent=2))
 
 
 def _kind_hint(kind: str, source: SourceCheckpoint) -> str | None:
@@ -696,11 +692,13 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(p):
     p.add_argument("kind", choices=sorted(CONVERTERS), help="upstream format: halo (HALO/BAGEL ema.safetensors), "
-                   "pi0 / pi05 (lerobot PyTorch checkpoints)")
-    p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]")
+                   "pi0 / pi05 (lerobot PyTorch checkpoints), pi0-jax / pi05-jax / acot-jax (openpi / ACoT-VLA "
+                   "JAX params trees)")
+    p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]; JAX kinds: a .npz of "
+                   "the flattened tree or an orbax checkpoint folder")
     p.add_argument("out", help="output folder (written atomically, loadable with local-dir:OUT)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    p.add_argument("--recipe", help="recipe to convert into (default: halo, pi0 or pi05)")
+    p.add_argument("--recipe", help="recipe to convert into (default: halo, pi0, pi05 or acot-libero)")
     p.add_argument("--overlay", action="append", default=[], metavar="SRC",
                    help="more weights whose tensors replace SRC's (e.g. HALO's fine-tune over the pre-train)")
     p.add_argument("--vae", help="VAE weights for halo (FLUX ae.safetensors, a folder or hf-hub:org/name)")

@@ -18,7 +18,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,12 +224,16 @@ def navit_size(height: int, width: int, patch_size: int, max_num_patches: int, e
     return scaled(lo, height), scaled(lo, width)
 
 
-def patchify_images_navit(images, patch_size: int, max_num_patches: int, antialias: bool = True):
+def patchify_images_navit(images, patch_size: int, max_num_patches: int, antialias: bool = True,
+                          sizes: Sequence[tuple[int, int]] | None = None):
     """Patchify a list of images at native aspect ratio, SigLIP2-style.
 
     Each image (uint8 [H, W, 3] / [3, H, W], or float in [0, 1]) is resized to :func:`navit_size`, scaled to
     [−1, 1] and cut into p×p patches flattened in (p, q, c) order. Returns ``(pixel_values [N, M, p²·3],
     pixel_attention_mask [N, M] bool, spatial_shapes [N, 2])`` with M = ``max_num_patches``.
+
+    ``sizes``: the (height, width) in pixels of each image instead of :func:`navit_size` (multiples of the patch
+    size, at most ``max_num_patches`` patches; e.g. BAGEL's ``ImageTransform`` sizes).
 
     Example: ``pv, mask, shapes = patchify_images_navit([img_a, img_b], 16, 256)``.
     """
@@ -240,6 +244,8 @@ def patchify_images_navit(images, patch_size: int, max_num_patches: int, antiali
             images = list(images)
     if len(images) == 0:
         raise ValueError("no images given")
+    if sizes is not None and len(sizes) != len(images):
+        raise ValueError(f"sizes has {len(sizes)} entries for {len(images)} images")
     p = patch_size
     pv = torch.zeros(len(images), max_num_patches, p * p * 3)
     mask = torch.zeros(len(images), max_num_patches, dtype=torch.bool)
@@ -250,8 +256,15 @@ def patchify_images_navit(images, patch_size: int, max_num_patches: int, antiali
         x = img.permute(2, 0, 1) if img.shape[-1] == 3 and img.shape[0] != 3 else img
         x = x.float() / 255.0 if img.dtype == torch.uint8 else x.float()
         H, W = x.shape[-2:]
-        th, tw = navit_size(H, W, p, max_num_patches)
-        x = F.interpolate(x[None], size=(th, tw), mode="bilinear", align_corners=False, antialias=antialias)[0]
+        if sizes is None:
+            th, tw = navit_size(H, W, p, max_num_patches)
+        else:
+            th, tw = (int(v) for v in sizes[i])
+            if th % p or tw % p or th <= 0 or tw <= 0 or (th // p) * (tw // p) > max_num_patches:
+                raise ValueError(f"sizes[{i}] = {(th, tw)} must be positive multiples of the patch size {p} with at "
+                                 f"most max_num_patches={max_num_patches} patches")
+        if sizes is None or (th, tw) != (H, W):
+            x = F.interpolate(x[None], size=(th, tw), mode="bilinear", align_corners=False, antialias=antialias)[0]
         x = x * 2.0 - 1.0
         h, w = th // p, tw // p
         patches = x.reshape(3, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h * w, p * p * 3)

@@ -144,6 +144,7 @@ class LogitNormalTimeSampler(TimeSamplerConfig):
     mean: float = 0.0
     std: float = 1.0
     shift: float = 1.0
+    numerics: Literal["torch", "jax"] = "torch"
 
     def __post_init__(self):
         if not self.std >= 0:
@@ -278,46 +279,69 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse",
 
 # ---------------------------------------------------------------------------------------------- sampling
 def time_grid(num_steps: int | None = None, points: int | None = None, shift: float = 1.0,
-              device=None) -> torch.Tensor:
+              device=None, numerics: str = "torch") -> torch.Tensor:
     """Descending float32 time grid from 1 to 0 (exact endpoints), with ``shift_time`` applied.
 
     Give exactly one of ``num_steps`` (openpi: dt = −1/num_steps, so num_steps + 1 points) or
     ``points`` (BAGEL/HALO: ``linspace(1, 0, points)``, so points − 1 Euler steps).
 
+    ``numerics="jax"`` (``num_steps``, no shift): openpi's JAX loop instead — ``t = 1``, then ``t += dt`` in
+    float32 while ``t ≥ −dt/2`` (1, 0.9, 0.79999995, …); the last point is where the loop stops (about 0, not
+    exactly). Integrate it with :func:`euler_sample` ``numerics="jax"`` (a constant float32 ``dt``).
+
     Example: ``time_grid(num_steps=10)`` has 11 points; ``time_grid(points=50, shift=3.0)`` has 50.
     """
+    from .conditioning import _check_numerics
     if (num_steps is None) == (points is None):
         raise ValueError("give exactly one of num_steps and points")
     n = num_steps + 1 if num_steps is not None else points
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"need num_steps >= 1 or points >= 2, got num_steps={num_steps}, points={points}")
+    if _check_numerics(numerics) == "jax":
+        if num_steps is None or shift != 1.0:
+            raise ValueError(f"numerics='jax' is openpi's uniform loop: it needs num_steps and shift 1 "
+                             f"(got num_steps={num_steps}, points={points}, shift={shift})")
+        dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32)
+        stop = torch.tensor(-(-1.0 / num_steps) / 2, dtype=torch.float32)
+        t, out = torch.tensor(1.0, dtype=torch.float32), []
+        while bool(t >= stop):
+            out.append(t)
+            t = t + dt
+        out.append(t)
+        return torch.stack(out).to(device)
     g = torch.linspace(1.0, 0.0, n, dtype=torch.float64)
     g = shift_time(g, shift)
     return g.to(device=device, dtype=torch.float32)
 
 
 def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 grid: torch.Tensor, return_trajectory: bool = False):
+                 grid: torch.Tensor, return_trajectory: bool = False, numerics: str = "torch"):
     """Integrate ``dx/dt = velocity_fn(x, t)`` along ``grid`` (descending, 1 → 0).
 
     ``velocity_fn(x_t, t)`` gets ``t`` as a 0-d float32 tensor; each step is
-    ``x ← x + (t_{i+1} − t_i)·v``. Returns ``x`` or ``(x, [x at every grid point])``.
+    ``x ← x + (t_{i+1} − t_i)·v`` (``numerics="jax"``: ``x ← x + dt·v`` with openpi's constant float32
+    ``dt = −1/steps``, for a :func:`time_grid` ``numerics="jax"`` grid). Returns ``x`` or
+    ``(x, [x at every grid point])``.
 
     Example: ``x0 = euler_sample(lambda x, t: net(x, t.expand(len(x))), torch.randn(B, 2), time_grid(num_steps=10))``.
     """
+    from .conditioning import _check_numerics
     if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.numel() < 2:
         raise ValueError("grid must be a 1-D tensor with at least 2 points")
     _check_finite_t(grid, "grid")
     if not bool((grid[1:] < grid[:-1]).all()):
         raise ValueError("grid must be strictly descending (t = 1 noise → t = 0 data)")
     grid = grid.to(device=x.device, dtype=torch.float32)
+    const_dt = None
+    if _check_numerics(numerics) == "jax":
+        const_dt = torch.tensor(-1.0 / (grid.numel() - 1), dtype=torch.float32, device=x.device)
     traj = [x] if return_trajectory else None
     for i in range(grid.numel() - 1):
         t = grid[i]
         v = velocity_fn(x, t)
         if v.shape != x.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for x of shape {tuple(x.shape)}")
-        dt = grid[i + 1] - t
+        dt = grid[i + 1] - t if const_dt is None else const_dt
         x = (x.float() + dt * v.float()).to(x.dtype)
         if traj is not None:
             traj.append(x)
@@ -395,6 +419,10 @@ def cfg_in_interval(t: torch.Tensor | float, interval: tuple[float, float] = (0.
 class FlowMatching:
     """A flow-matching recipe: time sampler, loss, reduction and sampling grid (a recipe field).
 
+    ``numerics``: ``torch`` (float64 time embedding, float64 ``linspace`` grid) or ``jax`` (openpi / ACoT-VLA's
+    JAX float32 embedding and ``t += dt`` Euler time; see :data:`vla_blocks.conditioning.NUMERICS`); flow heads
+    pass it to their time conditioning and sampler.
+
     Presets: openpi ``FlowMatching()`` (Beta, MSE, plain mean, 10 steps); BAGEL images
     ``FlowMatching(LogitNormalTimeSampler(), "mse", "token_mean", points=50, shift=3.0)``; HALO actions
     ``FlowMatching(LogitNormalTimeSampler(), "l1", "token_mean", points=10)``.
@@ -413,6 +441,7 @@ class FlowMatching:
     num_steps: int | None = 10
     points: int | None = None
     shift: float = 1.0
+    numerics: Literal["torch", "jax"] = "torch"
 
     def __post_init__(self):
         if self.loss_kind not in ("mse", "l1"):
@@ -421,11 +450,11 @@ class FlowMatching:
             raise ValueError(f"unknown reduction {self.reduction!r} (valid: 'token_mean', 'mean')")
         if self.points is not None and self.num_steps is not None:
             self.num_steps = None  # `points` given (e.g. by a recipe override) wins over the default steps
-        time_grid(self.num_steps, self.points, self.shift)  # validates
+        time_grid(self.num_steps, self.points, self.shift, numerics=self.numerics)  # validates
 
     def grid(self, device=None) -> torch.Tensor:
         """The sampling grid (see :func:`time_grid`)."""
-        return time_grid(self.num_steps, self.points, self.shift, device=device)
+        return time_grid(self.num_steps, self.points, self.shift, device=device, numerics=self.numerics)
 
     def training_pair(self, x0: torch.Tensor, generator: torch.Generator | None = None,
                       noise: torch.Tensor | None = None, t: torch.Tensor | None = None):
@@ -451,4 +480,4 @@ class FlowMatching:
             shape = _check_shape(shape)
             device = _gen_device(generator, device)
             noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
-        return euler_sample(velocity_fn, noise, self.grid(noise.device), return_trajectory)
+        return euler_sample(velocity_fn, noise, self.grid(noise.device), return_trajectory, self.numerics)

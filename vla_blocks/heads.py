@@ -256,7 +256,9 @@ class FlowHead(nn.Module):
         self.flow = flow if flow is not None else FlowMatching()
         self.proj = ActionHead(action_dim, width, zero_init_out=zero_init_out, state_dim=state_dim,
                                pos_embed=pos_embed, time_embedder=time == "additive")
-        self.time = ConcatTimeMLP(width) if time == "concat" else AdaRMSTimeMLP(width) if time == "adarms" else None
+        nm = self.flow.numerics
+        self.time = (ConcatTimeMLP(width, numerics=nm) if time == "concat"
+                     else AdaRMSTimeMLP(width, numerics=nm) if time == "adarms" else None)
 
     @property
     def action_dim(self) -> int:
@@ -305,4 +307,5 @@ class FlowHead(nn.Module):
 
     def sample(self, velocity_fn, noise: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """Euler from ``noise`` (t = 1) to t = 0 along ``grid`` (default: the recipe's grid)."""
-        return euler_sample(velocity_fn, noise, self.flow.grid(noise.device) if grid is None else grid)
+        return euler_sample(velocity_fn, noise, self.flow.grid(noise.device) if grid is None else grid,
+                            numerics=self.flow.numerics)

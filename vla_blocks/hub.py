@@ -275,6 +275,10 @@ def load_config(ref, overrides: Mapping[str, Any] | list[str] | None = None, *, 
 
 def _config_from_folder(folder: Path, overrides=None):
     data = read_config_data(folder)
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("path"), str) and not Path(tok["path"]).is_absolute() \
+            and (Path(folder) / tok["path"]).exists():  # a tokenizer carried inside the folder (vla-blocks convert)
+        tok["path"] = str(Path(folder) / tok["path"])
     try:
         return load_recipe(data, overrides)
     except ConfigError as e:
@@ -484,17 +488,11 @@ def _alias_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
-#: Loading a pi0.5 checkpoint into an ACoT recipe as upstream initialises ACoT from pi0.5: the EAR expert and the
-#: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
-#: reasoner modules (new in ACoT) keep their initialisation.
-#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **hub.ACOT_FROM_PI05)``.
-ACOT_FROM_PI05: dict[str, Any] = {
-    "expert_map": {"ear": "act"},
-    "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",
-                "coarse_time_mlp_in": "time_mlp_in", "coarse_time_mlp_out": "time_mlp_out"},
-    "allow_missing": [r"^(explicit_action_reasoner|implicit_action_reasoner|implicit_action_reasoner_interact|"
-                      r"explicit_action_reason_proj|implicit_action_reason_proj|action_reasoning_fusion)\."],
-}
+def __getattr__(name):  # ACOT_FROM_PI05 lives beside ACoT (vla_blocks.models.acot); kept importable from here
+    if name == "ACOT_FROM_PI05":
+        from .models.acot import ACOT_FROM_PI05
+        return ACOT_FROM_PI05
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- loading weights

@@ -1,6 +1,7 @@
 """Token layout of a packed batch: segments -> experts, RoPE positions, documents, mask metadata.
 
-A *sample* (document) is a list of :class:`Segment`. A segment is one attention unit with a mode
+A *sample* (document) is a list of :class:`Segment` (and :class:`RopeSkip`, which advances the RoPE counter
+without tokens: BAGEL's dropped condition images). A segment is one attention unit with a mode
 (``causal`` text, ``full`` image/prefix, ``noise`` diffusion input) and a RoPE policy; it holds one
 or more :class:`Part` runs, each of one expert and one label (BAGEL's ``<|vision_start|>`` marker is
 a ``und`` part inside a ``gen`` image segment). Labels name token sets: models put embeddings in by
@@ -55,11 +56,17 @@ class Segment:
     offset, e.g. ACoT's EAR and action chunks trained in one pass), ``block`` (all tokens share the
     counter value, which then advances by 1: BAGEL images), ``block_hold`` (share one id, no
     advance: BAGEL/HALO noisy targets).
+
+    ``frames`` (``block`` / ``block_hold`` only): the segment is a run of frames, each a ``(tokens, delta)``
+    pair: a frame's tokens share the counter value, which then advances by ``delta`` (BAGEL's video splits:
+    several frames in one ``full`` segment, ``frame_delta`` apart). The token counts must add up to the
+    segment's length; without ``frames`` the segment is one frame that advances by 1 (``block``) or 0.
     """
 
     mode: str
     parts: list[Part]
     rope: str = "sequential"
+    frames: Sequence[tuple[int, int]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,6 +78,15 @@ class Segment:
         for p in self.parts:
             if p.length < 0:
                 raise ValueError(f"part {p.label!r} has negative length {p.length}")
+        if self.frames is not None:
+            if self.rope not in ("block", "block_hold"):
+                raise ValueError(f"segment frames need rope 'block' or 'block_hold', not {self.rope!r}")
+            self.frames = [(int(n), int(d)) for n, d in self.frames]
+            if any(n < 0 or d < 0 for n, d in self.frames):
+                raise ValueError(f"segment frames must have non-negative token counts and deltas: {self.frames}")
+            if sum(n for n, _ in self.frames) != self.length:
+                raise ValueError(f"segment frames cover {sum(n for n, _ in self.frames)} tokens, the segment has "
+                                 f"{self.length}")
 
     @classmethod
     def of(cls, mode: str, expert: str, length: int, label: str, rope: str = "sequential",
@@ -82,7 +98,26 @@ class Segment:
         return sum(p.length for p in self.parts)
 
 
-Sample = list[Segment]
+@dataclass
+class RopeSkip:
+    """A layout construct with no tokens: advances the sample's RoPE counter by ``n`` (BAGEL's ``pack_sequence``
+    does this for a ViT / VAE condition image left out by condition dropout, so later tokens keep their ids).
+
+    Example: ``Layout.from_samples([[RopeSkip(1), Segment.of("causal", "und", 5, "text")]], ["und"])`` gives the
+    text ids 1…5."""
+
+    n: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ValueError(f"RopeSkip.n must be a non-negative int, got {self.n!r}")
+
+    @property
+    def length(self) -> int:
+        return 0
+
+
+Sample = list[Segment | RopeSkip]
 
 
 @dataclass
@@ -118,9 +153,9 @@ class Layout:
         experts = list(experts)
         if not samples:
             raise ValueError("no samples given")
-        if isinstance(samples[0], Segment):
+        if isinstance(samples[0], (Segment, RopeSkip)):
             raise TypeError("samples must be a list of samples (lists of Segment), got a list of Segment")
-        if isinstance(samples[0][0], Segment):
+        if isinstance(samples[0][0], (Segment, RopeSkip)):
             rows = [list(samples)] if pack else [[s] for s in samples]
         else:
             rows = [list(r) for r in samples]
@@ -148,6 +183,9 @@ class Layout:
                 offsets[-1].append(t)
                 counter = 0
                 for segment in sample:
+                    if isinstance(segment, RopeSkip):
+                        counter += segment.n
+                        continue
                     a = t
                     mode_i = MODES.index(segment.mode)
                     seg_valid = []
@@ -174,6 +212,12 @@ class Layout:
                         pos[b, a:t] = p
                         if segment.rope == "sequential":
                             counter += int(v.sum())
+                    elif segment.frames is not None:
+                        f = a
+                        for nf, delta in segment.frames:
+                            pos[b, f:f + nf] = counter
+                            f += nf
+                            counter += delta
                     else:
                         pos[b, a:t] = counter
                         if segment.rope == "block":

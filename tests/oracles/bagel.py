@@ -148,3 +148,49 @@ def qwen2_mot_stack(sd, x, groups, pos, mask, layers, heads, kv_heads, head_dim,
     for S, idx in groups.items():
         y[idx] = rms_norm(x[idx], W[f"language_model.model.norm{S}.weight"], eps)
     return y
+
+
+def pack_positions(items):
+    """RoPE position ids of one sample by BAGEL ``data/dataset_base.py`` ``pack_sequence`` (halo_bagel.md §2.1),
+    re-written: ``items`` are ``(kind, n_tokens)`` with kind ``text`` (ids counter…counter+n−1, counter += n),
+    ``vit`` / ``vae`` (a clean image: all n share the counter, then += 1), ``vae_noisy`` / ``action`` (share, no
+    advance), ``skip`` (a ViT / VAE image dropped by condition dropout: ``curr_rope_id += 1`` and no tokens) and
+    ``video`` with n = a list of ``(frame_tokens, frame_delta)`` (one split; each frame shares the counter, which
+    then advances by its ``frame_delta``). The counter starts at 0 for every sample."""
+    r, out = 0, []
+    for kind, n in items:
+        if kind == "text":
+            out += list(range(r, r + n))
+            r += n
+        elif kind == "skip":
+            r += 1
+        elif kind == "video":
+            for nf, delta in n:
+                out += [r] * nf
+                r += delta
+        else:
+            out += [r] * n
+            r += 1 if kind in ("vit", "vae") else 0
+    return out
+
+
+def image_transform_size(height, width, max_size, min_size, stride, max_pixels=14 * 14 * 9 * 1024):
+    """BAGEL / HALO ``data/transforms.py`` ``MaxLongEdgeMinShortEdgeResize`` output size ``(height, width)``,
+    re-written with numpy: scale = max(min(max/long, 1), min/short); each side ``rint(side·scale)`` then
+    ``rint(v/stride)·stride`` (numpy's rint rounds half to even, as Python's ``round``), at least one stride;
+    then, if the area exceeds ``max_pixels``, the sides are scaled again by the *area* ratio; then, if the long
+    side still exceeds ``max_size``, by ``max_size / long``."""
+    def sides(h, w, s):
+        out = []
+        for v in (h, w):
+            px = np.rint(np.float64(v) * s)
+            out.append(int(max(stride, np.rint(px / stride) * stride)))
+        return out
+
+    s = max(min(max_size / max(height, width), 1.0), min_size / min(height, width))
+    h, w = sides(height, width, s)
+    if h * w > max_pixels:
+        h, w = sides(h, w, max_pixels / (h * w))
+    if max(h, w) > max_size:
+        h, w = sides(h, w, max_size / max(h, w))
+    return h, w

@@ -19,23 +19,38 @@ def make_attn_mask(input_mask, ar_mask):
     return attn & valid
 
 
-def posemb_sincos(pos, dim, min_period, max_period):
+def posemb_sincos(pos, dim, min_period, max_period, dtype=np.float64):
     """openpi ``pi0.py`` ``posemb_sincos`` (L47-63), numpy: periods geometric from ``min_period`` to
-    ``max_period`` over ``dim/2`` frequencies, ``[sin ‖ cos]``."""
-    fraction = np.linspace(0.0, 1.0, dim // 2)
-    period = min_period * (max_period / min_period) ** fraction
-    x = np.einsum("i,j->ij", pos, 1.0 / period * 2 * np.pi)
-    return np.concatenate([np.sin(x), np.cos(x)], axis=-1)
+    ``max_period`` over ``dim/2`` frequencies, ``[sin ‖ cos]``.
+
+    ``dtype=np.float32``: as JAX runs it (x64 off), every operation rounded to float32 in the source's order:
+    ``jnp.linspace(0, 1, n)`` is ``iota / (n − 1)``; the Python-float ratio and periods become float32;
+    ``ratio ** fraction`` is taken correctly rounded to float32 (this reference's stand-in for XLA's powf);
+    ``1.0 / period * 2 * π``; the einsum is one float32 product per element."""
+    if dtype == np.float64:
+        fraction = np.linspace(0.0, 1.0, dim // 2)
+        period = min_period * (max_period / min_period) ** fraction
+        x = np.einsum("i,j->ij", pos, 1.0 / period * 2 * np.pi)
+        return np.concatenate([np.sin(x), np.cos(x)], axis=-1)
+    f = np.float32
+    n = dim // 2
+    fraction = np.arange(n, dtype=f) / f(max(n - 1, 1))
+    power = (np.float64(f(max_period / min_period)) ** fraction.astype(np.float64)).astype(f)
+    period = f(min_period) * power
+    scale = f(1.0) / period * f(2) * f(np.pi)
+    x = np.asarray(pos, dtype=f)[:, None] * scale[None, :]
+    return np.concatenate([np.sin(x), np.cos(x)], axis=-1).astype(f)
 
 
-def sample_times(num_steps):
+def sample_times(num_steps, dtype=float):
     """openpi ``pi0.py`` ``sample_actions`` loop: ``dt = −1/num_steps``; ``t = 1``; while ``t ≥ −dt/2``: use ``t``,
-    ``t += dt``. Returns the times at which the velocity is evaluated."""
-    dt = -1.0 / num_steps
-    t, out = 1.0, []
-    while t >= -dt / 2:
+    ``t += dt``. Returns the times at which the velocity is evaluated. ``dtype=np.float32``: as JAX runs it
+    (``t``, ``dt`` and the bound are float32, ``t += dt`` rounds every step: 1, 0.9, 0.79999995, …)."""
+    dt = dtype(-1.0 / num_steps)
+    t, out = dtype(1.0), []
+    while t >= dtype(-(-1.0 / num_steps) / 2):
         out.append(t)
-        t += dt
+        t = dtype(t + dt)
     return out
 
 
@@ -43,14 +58,14 @@ def _linear(m, x):
     return x @ m.weight.T + m.bias
 
 
-def embed_suffix(x_t, t, in_proj, mlp_in, mlp_out, pi05):
+def embed_suffix(x_t, t, in_proj, mlp_in, mlp_out, pi05, dtype=np.float64):
     """openpi ``pi0.py`` ``embed_suffix`` (L150-190) for the action tokens: ``a = in_proj(x_t)``,
-    ``temb = posemb_sincos(t, W, 4e-3, 4.0)``. pi0.5: tokens ``a`` and adaRMS cond
+    ``temb = posemb_sincos(t, W, 4e-3, 4.0)`` (in ``dtype``). pi0.5: tokens ``a`` and adaRMS cond
     ``silu(mlp_out(silu(mlp_in(temb))))``; pi0: tokens ``mlp_out(silu(mlp_in([a ‖ temb])))``, cond None.
     ``in_proj`` / ``mlp_in`` / ``mlp_out``: the Linear modules whose weights are read."""
     W = in_proj.out_features
     a = _linear(in_proj, x_t)
-    temb = torch.from_numpy(posemb_sincos(t.double().numpy(), W, 4e-3, 4.0)).to(a.dtype)
+    temb = torch.from_numpy(posemb_sincos(t.double().numpy(), W, 4e-3, 4.0, dtype)).to(a.dtype)
     if pi05:
         return a, F.silu(_linear(mlp_out, F.silu(_linear(mlp_in, temb))))
     x = torch.cat([a, temb[:, None].expand_as(a)], -1)
@@ -117,3 +132,60 @@ def paligemma_with_expert(sd, prefix, suffix, cond, pi05, layers, heads, kv_head
     out0 = rms_norm(xs[0], W[vlm + "language_model.norm.weight"], eps, gemma=True)
     out1 = norm(1, xs[1], expert + "model.norm")[0]
     return out0, out1
+
+
+def lerobot_flow_loss(v_t, u_t, original_action_dim):
+    """lerobot ``PI0Policy.forward`` / ``PI05Policy.forward`` reduction (acot_pi0.md): the per-element MSE
+    ``[B, H, max_action_dim]`` cut to the first ``original_action_dim`` dims, then one plain mean."""
+    losses = F.mse_loss(u_t, v_t, reduction="none")
+    return losses[:, :, :original_action_dim].mean()
+
+
+# ---------------------------------------------------------------------------------------------- JAX layouts
+# openpi ``models/gemma.py`` / big_vision ``vit.py`` / flax ``nnx`` modules applied to arrays in their own JAX layout
+# (acot_pi0.md §1.1, §2.4), numpy: the einsum strings of the source, so a converted PyTorch module can be checked
+# against the tree it came from.
+def gemma_q(x, q_w):
+    """``Attention``: ``q = einsum("BTD,NDH->BTNH")`` with ``q_einsum/w [N, D, H]`` (one layer); x [T, D]."""
+    return np.einsum("td,ndh->tnh", x, q_w)
+
+
+def gemma_kv(x, kv_w):
+    """``kv_einsum/w [2, K, D, H]`` (one layer): ``k, v = einsum("BSD,2KDH->2BSKH")``."""
+    kv = np.einsum("td,jkdh->jtkh", x, kv_w)
+    return kv[0], kv[1]
+
+
+def gemma_attn_vec(enc, w):
+    """``attn_vec_einsum/w [N, H, D]`` (one layer): ``einsum("BTNH,NHD->BTD")``; enc [T, N, H]."""
+    return np.einsum("tnh,nhd->td", enc, w)
+
+
+def gemma_gating(x, gating):
+    """``FeedForward``: ``gating_einsum [2, D, F]`` → (gate, up) inputs = ``x @ gating[0]``, ``x @ gating[1]``."""
+    return x @ gating[0], x @ gating[1]
+
+
+def nnx_linear(x, kernel, bias=None):
+    """``nnx.Linear`` / flax ``Dense``: ``x @ kernel [in, out] + bias``."""
+    return x @ kernel + (0 if bias is None else bias)
+
+
+def big_vision_patches(img_hwc, kernel, bias):
+    """big_vision ``embedding`` conv (stride = kernel size, VALID) with an HWIO kernel ``[p, p, 3, C]``, written as
+    a sum over non-overlapping patches: ``[h, w, C]``."""
+    p = kernel.shape[0]
+    H, W, c = img_hwc.shape
+    x = img_hwc[: H // p * p, : W // p * p].reshape(H // p, p, W // p, p, c)
+    return np.einsum("ipjqc,pqcd->ijd", x, kernel) + bias
+
+
+def mha_in(x, kernel, bias):
+    """flax ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` query / key / value:
+    ``einsum("td,dnh->tnh", x, kernel [D, heads, hd]) + bias [heads, hd]``."""
+    return np.einsum("td,dnh->tnh", x, kernel) + bias
+
+
+def mha_out(y, kernel, bias):
+    """Their ``out``: ``einsum("tnh,nhd->td", y [T, heads, hd], kernel [heads, hd, D]) + bias``."""
+    return np.einsum("tnh,nhd->td", y, kernel) + bias

@@ -14,7 +14,8 @@ reasoner, a gemma_300m) and ``act`` (the final action expert, a gemma_300m). Per
    only one reasoner is on); time enters the action expert through adaRMS (``time_mlp_in/out``).
 
 Training (teacher forcing): the action head is conditioned on the ground-truth coarse trajectory; one time
-sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims.
+sample is shared by both heads; loss = ear.loss_weight·MSE(EAR) + MSE(action), plain means over padded dims
+(``loss_dims: real``: over the real dims).
 Upstream runs the LLM three times per step ([prefix], [prefix+EAR], [prefix+action]); here the prefix runs
 once and both suffixes go in ONE pass as two noise segments that both start at the prefix's valid length
 (RoPE ``sequential_hold``), reading the prefix cache with gradients: same loss and gradients (tested).
@@ -215,7 +216,8 @@ class ACoTVLA(Pi0Model):
             hidden = {}
             for s in suffixes:
                 hidden.update(self.run_suffixes(prefix, cache, [s]))
-        losses = {k: heads[k].loss(heads[k].decode(hidden[k]), targets[k]) for k in targets}
+        dim_mask = self.loss_dim_mask()
+        losses = {k: heads[k].loss(heads[k].decode(hidden[k]), targets[k], dim_mask=dim_mask) for k in targets}
         metrics = {"loss_action": losses["actions"].detach()}
         loss = losses["actions"]
         if c.ear is not None:
@@ -261,3 +263,17 @@ class ACoTVLA(Pi0Model):
                    action_frames: int | None = None) -> dict:
         """pi0's demo inputs with a raw chunk of ``chunk_length`` frames (the EAR reference is sliced from it)."""
         return super().demo_batch(batch_size, generator, action_frames or self.config.chunk_length)
+
+
+#: Loading a pi0.5 checkpoint into an ACoT recipe as upstream initialises ACoT from pi0.5: the EAR expert and the
+#: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
+#: reasoner modules (new in ACoT) keep their initialisation.
+#: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **ACOT_FROM_PI05)``
+#: (also importable as ``vla_blocks.hub.ACOT_FROM_PI05``).
+ACOT_FROM_PI05: dict = {
+    "expert_map": {"ear": "act"},
+    "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",
+                "coarse_time_mlp_in": "time_mlp_in", "coarse_time_mlp_out": "time_mlp_out"},
+    "allow_missing": [r"^(explicit_action_reasoner|implicit_action_reasoner|implicit_action_reasoner_interact|"
+                      r"explicit_action_reason_proj|implicit_action_reason_proj|action_reasoning_fusion)\."],
+}

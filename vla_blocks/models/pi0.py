@@ -76,6 +76,8 @@ class Pi0ConfigFields:
     - ``normalization``: ``zscore`` (pi0, ACoT) or ``quantile`` (openpi pi0.5) for state/actions.
     - ``n_action_steps``: actions popped per chunk by ``select_action`` (None: the whole chunk);
       ``real_action_dim``: dims returned by inference (None: action_dim; LIBERO: 7).
+    - ``loss_dims``: which action dims the flow loss averages over: ``padded`` (openpi: every padded dim) or
+      ``real`` (lerobot ``PI0Policy.forward``: only the first ``real_action_dim``); ACoT's EAR loss too.
     - ``freeze_vlm``: no gradients for the ``vlm`` expert and the token embedding (ACoT trains with
       Gemma-2B frozen; the vision tower stays trainable).
     """
@@ -93,6 +95,7 @@ class Pi0ConfigFields:
     normalization: Literal["zscore", "quantile"] = "zscore"
     n_action_steps: int | None = None
     real_action_dim: int | None = None
+    loss_dims: Literal["padded", "real"] = "padded"
     freeze_vlm: bool = False
     attention_backend: str = "auto"
     gradient_checkpointing: bool = False
@@ -103,6 +106,10 @@ class Pi0ConfigFields:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.real_action_dim is not None and not 0 < self.real_action_dim <= self.action_dim:
             raise ValueError(f"real_action_dim must be in [1, action_dim={self.action_dim}], got {self.real_action_dim}")
+        if self.loss_dims not in ("padded", "real"):
+            raise ValueError(f"loss_dims: {self.loss_dims!r} is not one of ['padded', 'real']")
+        if self.loss_dims == "real" and self.real_action_dim is None:
+            raise ValueError("loss_dims: real needs real_action_dim (the dims lerobot's loss averages over)")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -437,8 +444,15 @@ class Pi0Model(VLAModel):
         prefix = self.embed_prefix(batch)
         _, cache = self.run_prefix(prefix)
         h = self.run_suffixes(prefix, cache, [self.head_suffix("actions", x_t, t, self.state_token(batch))])
-        loss = head.loss(head.decode(h["actions"]), u)
+        loss = head.loss(head.decode(h["actions"]), u, dim_mask=self.loss_dim_mask())
         return loss, {"loss_action": loss.detach()}
+
+    def loss_dim_mask(self) -> torch.Tensor | None:
+        """The flow loss's dim mask of ``loss_dims``: None (``padded``) or the first ``real_action_dim`` dims."""
+        c = self.config
+        if c.loss_dims == "padded":
+            return None
+        return torch.arange(c.action_dim, device=self.device) < c.real_action_dim
 
     # -- inference ---------------------------------------------------------------------------------
     def grid(self, num_steps: int | None = None, label: str = "actions") -> torch.Tensor:
@@ -446,7 +460,7 @@ class Pi0Model(VLAModel):
         flow = self.flow_heads[label].flow
         if num_steps is None:
             return flow.grid(self.device)
-        return time_grid(num_steps=num_steps, shift=flow.shift, device=self.device)
+        return time_grid(num_steps=num_steps, shift=flow.shift, device=self.device, numerics=flow.numerics)
 
     def _noise(self, shape, noise, generator):
         if noise is not None:

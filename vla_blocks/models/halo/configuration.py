@@ -12,6 +12,7 @@ from ...config import register
 from ...encoders import VAEConfig, VisionConfig
 from ...flow import LogitNormalTimeSampler, TimeSamplerConfig
 from ...tokenization import TokenizerConfig
+from .transforms import BAGEL_MAX_PIXELS
 
 if TYPE_CHECKING:
     from .modeling import HaloModel
@@ -26,14 +27,26 @@ ROLES = ("text", "vit", "latent", "action")
 
 
 def format_prompt(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
-    """HALO's training prompt: the instruction lower-cased with its trailing '.' stripped, in the template."""
-    return template.format(instruction=instruction.strip().rstrip(".").lower())
+    """HALO's training prompt (``robotwin_dataset.py`` ``change_format``): the instruction lower-cased, then every
+    trailing ``.`` stripped, in the template. Whitespace is kept as given (upstream strips none)."""
+    return template.format(instruction=instruction.lower().rstrip("."))
 
 
 def format_thought(plan: Sequence[str], subtask: str, left: str, right: str) -> str:
-    """HALO's thought text (plain-text markers, not added tokens)."""
-    return (f"<|plan|>{' '.join(plan)}<|\\ plan|><|subtask|>{subtask}<|\\ subtask|>"
-            f"<|movement|>[LEFT]: {left} [RIGHT]: {right}<|\\ movement|>")
+    r"""HALO's thought text, byte for byte as ``robotwin_dataset.py`` ``parse_hdf5_file`` writes it: plain-text
+    markers (not added tokens), each block on its own lines, the plan steps joined with newlines::
+
+        "\n<|plan|>\n" + "\n".join(plan) + "\n<|\ plan|>\n\n"
+        "<|subtask|>\n" + subtask + "\n<|\ subtask|>\n\n"
+        "<|movement|>\n[LEFT]: " + left + "\n[RIGHT]: " + right + "\n\n<|\ movement|>\n\n"
+
+    ``left`` / ``right`` are the per-arm primitive sentences of the step."""
+    if isinstance(plan, str):
+        raise TypeError("plan must be a sequence of subtask strings, not one string")
+    plan_text = "\n".join(plan)
+    return ("\n<|plan|>\n" + plan_text + "\n<|\\ plan|>\n\n"
+            + "<|subtask|>\n" + subtask + "\n<|\\ subtask|>\n\n"
+            + "<|movement|>\n[LEFT]: " + left + "\n[RIGHT]: " + right + "\n\n<|\\ movement|>\n\n")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -56,7 +69,12 @@ class HaloCondDropout:
     """Training-time condition dropout (BAGEL's ``enable_cfg`` items): each prompt text, history ViT image
     and history VAE image is left out of the plan with these probabilities, so the no-text / no-image
     contexts of classifier-free guidance are in distribution. BAGEL pre-training: text 0.1, ViT 0.3,
-    VAE 0.3; HALO's RoboTwin fine-tune: off. Targets (thought, goal, action) are never dropped."""
+    VAE 0.3; HALO's RoboTwin fine-tune: off. Targets (thought, goal, action) are never dropped.
+
+    As in BAGEL's ``pack_sequence``, a dropped ViT or VAE image still advances the RoPE counter by one (a
+    :class:`~vla_blocks.layout.RopeSkip` in the plan), so the tokens after it keep the ids they have with the
+    image; a dropped text advances nothing. Inference differs, as BAGEL's inferencer does: its no-image CFG
+    context is built from the text alone, so there the text starts at RoPE id 0."""
 
     text: float = 0.0
     vit: float = 0.0
@@ -103,9 +121,11 @@ class HaloConfig(ModelConfig):
     """HALO. ``backbone`` holds the ``und`` expert (Qwen2.5 + q/k norm); ``experts`` lists all three
     (``act.ffn_ratio`` is HALO's ``action_expert_mlp_ratio``); ``roles`` routes token kinds to experts.
 
-    Images: ViT inputs are resized by the NaViT encoder (native aspect ratio, ≤ its
-    ``max_num_patches``); VAE inputs keep their aspect ratio with the longer side ≤ ``vae_max_side``
-    and the shorter ≥ ``vae_min_side``, rounded to multiples of 16 (VAE ×8 · patch 2).
+    Images: VAE inputs are sized by BAGEL's ``ImageTransform`` rule
+    (:func:`~vla_blocks.models.halo.transforms.bagel_resize_size`: longer side ≤ ``vae_max_side``, shorter ≥
+    ``vae_min_side``, stride 16 = VAE ×8 · patch 2, at most ``image_max_pixels``). ViT inputs: ``vit_resize:
+    navit`` lets the NaViT encoder size them (native aspect ratio, ≤ its ``max_num_patches``); ``bagel`` sizes
+    them by the same rule as HALO's ViT transform (``vit_max_size`` 980, ``vit_min_size`` 378, stride = patch).
     ``latent_time`` / ``action_time``: training time samplers (logit-normal; HALO uses no shift).
     ``action_time_conditioning``: how the action expert sees the flow time — ``additive`` (HALO:
     ``action_time_embedder(t)`` added to every action token) or ``adarms`` (pi0.5's adaRMS: the act expert's
@@ -128,6 +148,10 @@ class HaloConfig(ModelConfig):
     history_frames: int = 3
     connector: Literal["mlp", "linear"] = "mlp"
     vit_max_side: int = 70
+    vit_resize: Literal["navit", "bagel"] = "navit"
+    vit_max_size: int = 980
+    vit_min_size: int = 378
+    image_max_pixels: int = BAGEL_MAX_PIXELS
     max_latent_size: int = 64
     latent_patch_size: int = 2
     vae_max_side: int = 1024
@@ -159,6 +183,8 @@ class HaloConfig(ModelConfig):
             raise ValueError("roles.text must be the first expert (the backbone expert with the LM head)")
         if self.stage not in self.loss_weights:
             raise ValueError(f"stage {self.stage!r} has no loss_weights entry ({list(self.loss_weights)})")
+        if self.vit_resize not in ("navit", "bagel"):
+            raise ValueError(f"vit_resize: {self.vit_resize!r} is not one of ['navit', 'bagel']")
         if self.action_dim <= 0 or self.chunk_size <= 0:
             raise ValueError("action_dim and chunk_size must be positive")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...backbones import ExpertSpec, build_language_model
 from ...batch import BatchSchema, Field
-from ...encoders import Connector, navit_size
+from ...encoders import Connector, navit_size, patchify_images_navit
 from ...flow import FlowMatching, cfg_in_interval, cfg_velocity, euler_sample, flow_loss, time_grid
 from ...heads import FlowHead, PositionEmbedding2D, VisualLatentHead
 from ...layout import Layout, Segment
@@ -21,6 +21,7 @@ from ...tokenization import HaloTokenizer
 from .configuration import HALO_ACTION_HEAD_NAMES, HaloConfig, format_prompt
 from .context import ContextItem, HaloContext, HaloTrace
 from .plans import HaloPlanner, PlanItem, _as_unit_chw, item_segment, synthetic_sample
+from .transforms import bagel_resize_size
 
 # ---------------------------------------------------------------------------------------------- model
 class HaloModel(HaloPlanner, VLAModel):
@@ -115,25 +116,33 @@ class HaloModel(HaloPlanner, VLAModel):
 
     # ------------------------------------------------------------------ image geometry
     def vae_size(self, height: int, width: int) -> tuple[int, int]:
-        """Pixel size of a frame for the VAE: aspect kept, longer side ≤ vae_max_side, shorter ≥ vae_min_side,
-        rounded to multiples of 16."""
-        c, s = self.config, self.latent_stride
-        scale = 1.0
-        if max(height, width) * scale > c.vae_max_side:
-            scale = c.vae_max_side / max(height, width)
-        if min(height, width) * scale < c.vae_min_side:
-            scale = c.vae_min_side / min(height, width)
-        return (max(s, int(round(height * scale / s)) * s), max(s, int(round(width * scale / s)) * s))
+        """Pixel size of a frame for the VAE, by HALO's VAE transform (BAGEL ``ImageTransform``: longer side ≤
+        ``vae_max_side``, shorter ≥ ``vae_min_side``, stride 16; see :mod:`~vla_blocks.models.halo.transforms`)."""
+        c = self.config
+        return bagel_resize_size(int(height), int(width), c.vae_max_side, c.vae_min_side, self.latent_stride,
+                                 c.image_max_pixels)
 
     def latent_grid(self, image: torch.Tensor) -> tuple[int, int]:
         H, W = _as_unit_chw(image).shape[-2:]
         h, w = self.vae_size(H, W)
         return h // self.latent_stride, w // self.latent_stride
 
+    def vit_size(self, height: int, width: int) -> tuple[int, int]:
+        """Pixel size of a frame for the ViT: NaViT's own sizing (``vit_resize: navit``) or HALO's ViT transform
+        (``bagel``: ``vit_max_size`` / ``vit_min_size``, stride = the patch size)."""
+        c, p = self.config, self.vit_model.patch_size
+        if c.vit_resize == "bagel":
+            th, tw = bagel_resize_size(int(height), int(width), c.vit_max_size, c.vit_min_size, p, c.image_max_pixels)
+            if (th // p) * (tw // p) > self.vit_model.max_num_patches:
+                raise ValueError(f"vit_resize=bagel: a {height}×{width} frame becomes {th // p}×{tw // p} ViT "
+                                 f"patches, more than vision.max_num_patches={self.vit_model.max_num_patches}")
+            return th, tw
+        return navit_size(int(height), int(width), p, self.vit_model.max_num_patches)
+
     def vit_grid(self, image: torch.Tensor) -> tuple[int, int]:
         H, W = _as_unit_chw(image).shape[-2:]
         p = self.vit_model.patch_size
-        th, tw = navit_size(H, W, p, self.vit_model.max_num_patches)
+        th, tw = self.vit_size(H, W)
         return th // p, tw // p
 
     # ------------------------------------------------------------------ embeddings
@@ -143,7 +152,16 @@ class HaloModel(HaloPlanner, VLAModel):
 
     def embed_vit(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Frames → ViT tokens at the ``vit`` expert width: ``connector(vit_model(x)) + vit_pos_embed``."""
-        feats = self.vit_model([_as_unit_chw(im) for im in images])
+        frames = [_as_unit_chw(im) for im in images]
+        if self.config.vit_resize == "bagel":  # resize here; NaViT then keeps the size (it fits max_num_patches)
+            frames = [F.interpolate(x[None], size=self.vit_size(*x.shape[-2:]), mode="bilinear", align_corners=False,
+                                    antialias=True)[0] for x in frames]
+            pv, mask, shapes = patchify_images_navit(frames, self.vit_model.patch_size, self.vit_model.max_num_patches,
+                                                     sizes=[tuple(x.shape[-2:]) for x in frames])
+            dev = self.device
+            feats = self.vit_model.forward_patches(pv.to(dev), mask.to(dev), shapes.to(dev))
+        else:
+            feats = self.vit_model(frames)
         x = self.connector(feats.features.to(self.connector_dtype))
         m = self.config.vit_max_side
         ids = []

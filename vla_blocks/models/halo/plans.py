@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from ...layout import Layout, Part, Segment
+from ...layout import Layout, Part, RopeSkip, Segment
 from .configuration import HaloCondDropout, format_prompt, format_thought
 
 # ---------------------------------------------------------------------------------------------- samples and plans
@@ -20,6 +20,8 @@ class HaloSample:
 
     EM-CoT when ``thought`` or ``goal`` is given (either may be left out for ablations), reactive
     otherwise. ``actions``: [L ≤ chunk_size, action_dim] (short chunks repeat their last action).
+    The history frames are used as given (HALO's loader pads a short history by repeating its first frame,
+    and its reactive path leaves out the current frame: choose the frames accordingly).
     """
 
     history: list[torch.Tensor]
@@ -39,10 +41,11 @@ class PlanItem:
 
     ``kind``: ``text`` (``<|im_start|>`` ids ``<|im_end|>``, causal; ``loss`` = CE), ``vit`` / ``vae``
     (markers around ViT / clean latent tokens, full), ``vae_noisy`` (markers around noisy latent
-    tokens, noise, MSE), ``action`` (markers around the chunk, noise, L1). ``grid``: token grid (h, w).
+    tokens, noise, MSE), ``action`` (markers around the chunk, noise, L1), ``skip`` (no tokens: an image
+    left out by condition dropout, which still advances RoPE by one). ``grid``: token grid (h, w).
     """
 
-    kind: Literal["text", "vit", "vae", "vae_noisy", "action"]
+    kind: Literal["text", "vit", "vae", "vae_noisy", "action", "skip"]
     source: str
     ids: list[int] | None = None
     loss: bool = False
@@ -53,6 +56,8 @@ class PlanItem:
 
     @property
     def num_tokens(self) -> int:
+        if self.kind == "skip":
+            return 0
         if self.kind == "text":
             return len(self.ids) + 2
         if self.kind == "action":
@@ -60,9 +65,12 @@ class PlanItem:
         return self.grid[0] * self.grid[1] + 2
 
 
-def item_segment(item: PlanItem, roles: dict[str, str]) -> Segment:
-    """The attention segment of a plan item (reference §2.1): mode, parts and RoPE policy."""
+def item_segment(item: PlanItem, roles: dict[str, str]) -> Segment | RopeSkip:
+    """The attention segment of a plan item (reference §2.1): mode, parts and RoPE policy (a ``skip`` item:
+    :class:`~vla_blocks.layout.RopeSkip`)."""
     text = roles["text"]
+    if item.kind == "skip":
+        return RopeSkip(1)
     if item.kind == "text":
         return Segment.of("causal", text, item.num_tokens, "text", rope="sequential")
 
@@ -127,8 +135,18 @@ class HaloPlanner:
 
     def sequence_plan(self, sample: HaloSample, dropout: HaloCondDropout | None = None,
                       generator: torch.Generator | None = None) -> list[PlanItem]:
-        """The plan of one sample (reference §2.2; see the module docstring), with conditions left out at the
-        ``dropout`` probabilities (none by default)."""
+        """The plan of one sample, as HALO's ``robotwin_dataset.py`` builds it (``change_format`` and the plan
+        loop of ``__iter__``; reference halo_bagel.md §2.2):
+
+        - each history frame: a clean VAE image (only when the sample has a ``goal``, HALO's ``use_goal_image``),
+          then a ViT image;
+        - the prompt (text); the ``thought`` (text with CE loss) if given;
+        - with a ``goal``: the noisy VAE goal (MSE), its clean VAE copy, its ViT image;
+        - the action chunk (L1) if given.
+
+        A text whose token list is empty is left out (upstream keeps only non-empty texts). With ``dropout``
+        (BAGEL's ``enable_cfg`` items), a dropped prompt disappears and a dropped history ViT / VAE image
+        becomes a ``skip`` item (RoPE advances by one, as BAGEL's ``pack_sequence``)."""
         tok = self.tokenizer
         if not sample.history:
             raise ValueError("a sample needs at least one history frame")
@@ -138,18 +156,21 @@ class HaloPlanner:
 
         d = dropout or HaloCondDropout()
         items: list[PlanItem] = []
-        emcot = sample.mode == "emcot"
+        goal = sample.goal is not None
         for i, frame in enumerate(sample.history):
-            if emcot and keep(d.vae):
-                items.append(PlanItem("vae", f"history[{i}]", image=frame, grid=self.latent_grid(frame)))
-            if keep(d.vit):
-                items.append(PlanItem("vit", f"history[{i}]", image=frame, grid=self.vit_grid(frame)))
-        if keep(d.text):
-            items.append(PlanItem("text", "prompt", ids=tok.encode(format_prompt(sample.instruction,
-                                                                                    self.config.prompt_template))))
+            if goal:
+                items.append(PlanItem("vae", f"history[{i}]", image=frame, grid=self.latent_grid(frame))
+                             if keep(d.vae) else PlanItem("skip", f"history[{i}]"))
+            items.append(PlanItem("vit", f"history[{i}]", image=frame, grid=self.vit_grid(frame))
+                         if keep(d.vit) else PlanItem("skip", f"history[{i}]"))
+        prompt_ids = tok.encode(format_prompt(sample.instruction, self.config.prompt_template))
+        if keep(d.text) and prompt_ids:
+            items.append(PlanItem("text", "prompt", ids=prompt_ids))
         if sample.thought is not None:
-            items.append(PlanItem("text", "thought", ids=tok.encode(sample.thought), loss=True))
-        if sample.goal is not None:
+            thought_ids = tok.encode(sample.thought)
+            if thought_ids:
+                items.append(PlanItem("text", "thought", ids=thought_ids, loss=True))
+        if goal:
             g = self.latent_grid(sample.goal)
             items.append(PlanItem("vae_noisy", "goal", image=sample.goal, grid=g))
             items.append(PlanItem("vae", "goal", image=sample.goal, grid=g))
@@ -185,6 +206,8 @@ class HaloPlanner:
             for si in row:
                 row_samples.append(si)
                 for it in plans[si]:
+                    if it.kind == "skip":
+                        continue
                     if it.kind == "text":
                         ids += [tok.bos_id] + it.ids + [tok.eos_id]
                         targets += (it.ids + [tok.eos_id, -100]) if it.loss else [-100] * (len(it.ids) + 2)
