@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from .config import ConfigError, load_recipe, parse_override
 from .hub import CorruptCheckpointError, _matches_prefix, _progress, load_weights, save_pretrained
+from .registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,10 @@ def _jax_spec(name: str, recipe: str, acot: bool, description: str) -> Converter
                          defaults={"flow.numerics": "jax"}, description=description)
 
 
-CONVERTERS: dict[str, ConverterSpec] = {
+#: Checkpoint converters by kind (a :class:`~vla_blocks.registry.Registry`: plug-ins add kinds through the entry-point
+#: group ``vla_blocks.converters``, e.g. a module calling ``CONVERTERS.register("my-kind", ConverterSpec(...))``).
+CONVERTERS: Registry[ConverterSpec] = Registry("converter", group="vla_blocks.converters")
+_BUILTIN_CONVERTERS = {
     "halo": ConverterSpec(
         "halo", "halo", lambda cfg, src: halo_key_map(list(cfg.experts)), lambda shapes, facts: infer_halo(shapes),
         read_config=_halo_config, prefer=("ema.safetensors", "model.safetensors"),
@@ -244,6 +248,16 @@ CONVERTERS: dict[str, ConverterSpec] = {
     "pi05-jax": _jax_spec("pi05-jax", "pi05", False, "openpi JAX pi0.5 params tree"),
     "acot-jax": _jax_spec("acot-jax", "acot-libero", True, "ACoT-VLA JAX params tree (`_1` EAR, `_2` action expert)"),
 }
+for _kind, _spec in _BUILTIN_CONVERTERS.items():
+    CONVERTERS.register(_kind, _spec)
+
+
+def converter(kind: str) -> ConverterSpec:
+    """The registered converter ``kind``; a :class:`ConfigError` naming the closest kinds otherwise."""
+    try:
+        return CONVERTERS.get(kind)
+    except KeyError as e:
+        raise ConfigError(str(e)) from None
 
 
 def recipe_fields(kind: str, shapes: Mapping[str, Iterable[int]], config_dir: str | os.PathLike | None = None,
@@ -252,9 +266,7 @@ def recipe_fields(kind: str, shapes: Mapping[str, Iterable[int]], config_dir: st
     ``config.json``; BAGEL's ``llm_config.json`` / ``vit_config.json``), off the tensor ``shapes``, and the
     ``overrides``, merged in that order → ``(fields, facts)``. A field two of them set to different values is a
     :class:`ConversionError` listing every such field with its values."""
-    if kind not in CONVERTERS:
-        raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
-    spec = CONVERTERS[kind]
+    spec = converter(kind)
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
     overrides = dict(overrides or {})
@@ -453,9 +465,7 @@ def _plan(kind: str, source, label: str, *, recipe: str | None, overrides, allow
           config_dir: Path | None = None) -> tuple[_Plan, dict[str, torch.Tensor]]:
     """Names and shapes: map every source key, or drop it with a reason, or report it; then account for every
     model tensor. Raises :class:`ConversionError` listing the problems."""
-    if kind not in CONVERTERS:
-        raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
-    spec = CONVERTERS[kind]
+    spec = converter(kind)
     report = ConversionReport(source=label)
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
@@ -540,9 +550,7 @@ def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, *, recipe
     ``allow_unmapped``), model tensors without a source (unless under ``allow_missing`` prefixes, which keep
     the recipe's initialisation) and shape mismatches. Returns the folder and a :class:`ConversionReport`.
     """
-    if kind not in CONVERTERS:
-        raise ConfigError(f"unknown converter {kind!r}; choose one of {', '.join(CONVERTERS)}")
-    spec = CONVERTERS[kind]
+    spec = converter(kind)
     if spec.load_source is not None:
         if overlays or vae:
             raise ConversionError(f"{kind}: overlays and --vae are not used by JAX trees")
@@ -726,5 +734,5 @@ def run_cli(args) -> int:
 
 
 
-__all__ = ["convert", "check_mapping", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
+__all__ = ["convert", "converter", "check_mapping", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
            "source_files", "halo_key_map", "lerobot_pi0_key_map", "convert_vae_state", "read_norm_stats"]
