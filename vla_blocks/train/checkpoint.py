@@ -186,8 +186,18 @@ class Checkpointer:
     def _load_dcp(self, ckpt: Path, app_state: dict) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
         state = self._dcp_state(app_state)
-        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+        # the optimizer state of a fresh run is materialised for every parameter, while the checkpoint holds none
+        # for parameters that never had a gradient (AdamW skips those either way): load partially, but require
+        # every model and EMA tensor
+        saved = set(FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata)
+        for sec in ("model", "ema"):
+            missing = [k for k in state.get(sec) or {} if f"{sec}.{k}" not in saved]
+            if missing:
+                raise KeyError(f"{ckpt}: the checkpoint lacks {sec} tensors {missing[:5]}"
+                               f"{' ...' if len(missing) > 5 else ''}")
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(app_state["model"], app_state["optimizer"], model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         # EMA tensors were loaded in place

@@ -185,6 +185,10 @@ class DistributedConfig:
     backend: str | None = None        # null: nccl with CUDA, else gloo
     replicate: int = 1                # hsdp: size of the replicate dimension (nodes)
     reshard_after_forward: bool = True
+    # DDP: a static graph tolerates parameters a model never uses in its loss (e.g. a final norm only inference
+    # reads) without searching the graph every step; models whose used set changes need find_unused_parameters
+    static_graph: bool = True
+    find_unused_parameters: bool = False
 
 
 @dataclass

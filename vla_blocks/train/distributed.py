@@ -98,7 +98,8 @@ def wrap_model(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precisi
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=False)
+        return DDP(model, device_ids=ids, static_graph=cfg.static_graph,
+                   find_unused_parameters=cfg.find_unused_parameters)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
