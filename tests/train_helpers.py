@@ -33,7 +33,7 @@ def cfg(**kw) -> TrainConfig:
                 schedule={"type": "cosine", "warmup_steps": 2, "decay_steps": 10}, log={"every": 1, "progress": "none",
                                                                      "tensorboard": "off"})
     for k, v in kw.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and v.get("type", base[k].get("type")) == base[k].get("type"):
             base[k] = {**base[k], **v}
         else:
             base[k] = v
