@@ -193,6 +193,23 @@ def test_backbone_smoke(tmp_path):
         assert r["profile"]["fwd_diff"] and "MoT − HF ms" in md
 
 
+def test_data_smoke(tmp_path):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("av")
+    p = run_smoke("data", tmp_path)
+    md = check_common(p, "data")
+    s = p["settings"]
+    assert p["dataset"]["frames"] == s["episodes"] * s["length"] and p["dataset"]["cameras"] == 2
+    assert [r["workers"] for r in p["loader"]] == s["workers"]
+    for r in p["loader"]:
+        assert r["samples"] == s["batches"] * s["batch"]
+        assert close(r["samples_per_s"], r["samples"] / r["seconds"])
+    t = p["train"]
+    assert t["steps"] == s["steps"] and 0 <= t["data_wait_fraction"] <= 1
+    assert close(t["data_wait_fraction"], t["data_wait_ms"] / t["step_ms"])
+    assert "samples/s" in md
+
+
 def test_readme_shows_the_committed_results():
     """README's Benchmarks section is what `vla-blocks bench render` renders from benchmarks/results."""
     from vla_blocks.bench import README_END, README_START, readme_section
