@@ -6,9 +6,10 @@ from .config import (CheckpointConfig, CompileConfig, ConstantSchedule, CosineSc
                      DistributedConfig, EMAConfig, LogConfig, OpenPICosineSchedule, OptimizerConfig, ScheduleConfig,
                      TrainConfig, TrainRecipe, ValidationConfig, list_train_recipes, load_train_recipe)
 from .data import DatasetBatches, DemoBatches
+from .api import build_data, train
 from .engine import Trainer, TrainResult, freeze_modules, param_groups
 
 __all__ = ["TrainConfig", "TrainRecipe", "DataConfig", "OptimizerConfig", "EMAConfig", "CompileConfig",
            "CheckpointConfig", "LogConfig", "ValidationConfig", "DistributedConfig", "ScheduleConfig",
            "ConstantSchedule", "CosineSchedule", "OpenPICosineSchedule", "load_train_recipe", "list_train_recipes",
-           "DemoBatches", "DatasetBatches", "Trainer", "TrainResult", "freeze_modules", "param_groups"]
+           "DemoBatches", "DatasetBatches", "train", "build_data", "Trainer", "TrainResult", "freeze_modules", "param_groups"]

@@ -352,7 +352,11 @@ class Trainer:
                     with self._autocast:
                         pred = self.model.predict_action_chunk(b) if self.info.sharded else \
                             self.base.predict_action_chunk(b)
-                    tgt = b["actions"][:, :pred.shape[1], :pred.shape[2]].to(pred)
+                    if self.processor is not None and hasattr(self.processor, "postprocess"):
+                        pred = torch.as_tensor(self.processor.postprocess(pred))  # the dataset's action space
+                    tgt = b["actions"][:, :pred.shape[1]].to(pred)
+                    if tgt.shape != pred.shape:  # model-space padding beyond the real action dims
+                        pred = pred[..., :tgt.shape[-1]]
                     mse.append(float(((pred.float() - tgt.float()) ** 2).mean()))
                     mae.append(float((pred.float() - tgt.float()).abs().mean()))
         self.model.train()
