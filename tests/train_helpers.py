@@ -31,7 +31,7 @@ def cfg(**kw) -> TrainConfig:
     # Adam with eps 1e-8 turns their rounding noise into full-size updates that differ between reduction orders
     base = dict(steps=5, batch_size=4, seed=0, optimizer={"lr": 1e-2, "clip_grad_norm": 1.0, "eps": 1e-6},
                 schedule={"type": "cosine", "warmup_steps": 2, "decay_steps": 10}, log={"every": 1, "progress": "none",
-                                                                     "tensorboard": "off"})
+                                                                     "tensorboard": False})
     for k, v in kw.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict) and v.get("type", base[k].get("type")) == base[k].get("type"):
             base[k] = {**base[k], **v}

@@ -102,3 +102,48 @@ def run(args) -> int:
 
 
 __all__ = ["train", "build_data", "add_arguments", "run"]
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def make_demo_dataset(root, episodes: int = 6, length: int = 20, seed: int = 0) -> str:
+    """A small LeRobotDataset (one 32×32 image camera, 8-d state, 7-d actions that follow the state) for demos."""
+    import numpy as np
+
+    from ..data import LeRobotDataset
+    feats = {"observation.images.top": {"dtype": "image", "shape": [32, 32, 3], "names": ["height", "width", "channels"]},
+             "observation.state": {"dtype": "float32", "shape": [8], "names": None},
+             "action": {"dtype": "float32", "shape": [7], "names": None}}
+    rng = np.random.default_rng(seed)
+    w = LeRobotDataset.create(root, fps=10, features=feats)
+    for e in range(episodes):
+        for t in range(length):
+            s = rng.normal(size=8).astype(np.float32)
+            img = np.full((32, 32, 3), 30 * e, np.uint8)
+            img[:, : 1 + t] = 255
+            w.add_frame({"observation.images.top": img, "observation.state": s,
+                         "action": (0.5 * s[:7] + 0.05 * t).astype(np.float32), "task": "push the block"})
+        w.save_episode()
+    w.finalize()
+    return str(root)
+
+
+def demo_training(steps: int = 200, seed: int = 0) -> dict:
+    """``vla-blocks demo``'s training run: ``pi0-tiny-demo`` for ``steps`` steps on a generated dataset (random
+    demo batches when the data extra is missing), with the progress bar. Returns the first/last logged losses."""
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="vla-blocks-demo-train-")
+    overrides = [f"train.steps={steps}", f"train.seed={seed}", "train.checkpoint.every=0", "train.log.progress=tqdm",
+                 "train.log.tensorboard=false", f"train.schedule.decay_steps={steps}"]
+    source = "random demo batches"
+    try:
+        import av  # noqa: F401
+        import pyarrow  # noqa: F401
+        overrides += [f"data.root={make_demo_dataset(Path(tmp) / 'dataset', seed=seed)}"]
+        source = "a generated LeRobotDataset (6 episodes)"
+    except ImportError:
+        pass
+    res = train("pi0-tiny-demo", overrides, output_dir=Path(tmp) / "run")
+    losses = [r["loss"] for r in res.history]
+    k = max(1, len(losses) // 5)
+    return {"source": source, "steps": res.step, "loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k,
+            "run_dir": str(res.run_dir)}

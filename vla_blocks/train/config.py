@@ -163,7 +163,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 10                                     # steps between metric records
     progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
-    tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: when the tensorboard package is installed
+    tensorboard: bool | Literal["auto"] = "auto"  # auto: when the tensorboard package is installed
     wandb: bool = False                                 # opt-in: needs a login/project
     wandb_project: str | None = None
 

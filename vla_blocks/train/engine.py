@@ -127,13 +127,13 @@ class MetricsLogger:
             return
         if run_dir is not None:
             self.f = open(run_dir / "metrics.jsonl", "a")
-            if cfg.tensorboard != "off":
+            if cfg.tensorboard is not False:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                     self.tb = SummaryWriter(str(run_dir / "tensorboard"))
                 except ImportError:
-                    if cfg.tensorboard == "on":
-                        raise ImportError("train.log.tensorboard=on needs the tensorboard package: "
+                    if cfg.tensorboard is True:
+                        raise ImportError("train.log.tensorboard=true needs the tensorboard package: "
                                           "pip install vla-blocks[train]") from None
         if cfg.wandb:
             try:
