@@ -77,3 +77,12 @@ def test_data_section_errors_name_the_key(dataset, tmp_path):
         train("pi0-tiny-demo", [f"data.root={dataset}", "data.val_episode=[3]"], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"episodes \[9\] do not exist"):
         train("pi0-tiny-demo", [f"data.root={dataset}", "data.val_episodes=[9]"], output_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_training_run_lowers_the_loss(capsys):
+    assert main(["demo", "--recipes", "mot-tiny", "--train-steps", "200"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("[train] pi0-tiny-demo on a generated LeRobotDataset"))
+    start, end = (float(v) for v in line.split("loss ")[1].split(" (")[0].split(" -> "))
+    assert end < 0.85 * start

@@ -121,10 +121,11 @@ def cmd_demo(args) -> int:
             failures += 1
             print(f"[FAILED] {name}: {type(e).__name__}: {e}")
     print(f"demo: {len(names) - failures}/{len(names)} tiny recipes ran")
-    if args.train_steps:
+    train_steps = args.train_steps if args.train_steps is not None else (0 if args.recipes else 200)
+    if train_steps:
         from .train.api import demo_training
         t0 = time.perf_counter()
-        r = demo_training(args.train_steps, args.seed)
+        r = demo_training(train_steps, args.seed)
         print(f"[train] pi0-tiny-demo on {r['source']}: {r['steps']} steps in {time.perf_counter() - t0:.1f}s, "
               f"loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} (run folder {r['run_dir']})")
     return 1 if failures else 0
@@ -154,7 +155,8 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-steps", type=int, default=200, help="steps of the short pi0-tiny training run (0: none)")
+    s.add_argument("--train-steps", type=int, default=None,
+                   help="steps of the short pi0-tiny training run (default 200; 0, or --recipes without this: none)")
     s.set_defaults(fn=cmd_demo)
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)

@@ -111,6 +111,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-10
     clip_grad_norm: float | None = 1.0
+    fused: bool | None = None  # null: torch's fused AdamW kernel unless parameters are sharded (FSDP2)
 
     def __post_init__(self):
         if self.lr <= 0:

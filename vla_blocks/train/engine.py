@@ -213,8 +213,9 @@ class Trainer:
         if not groups:
             raise ValueError("no trainable parameters (everything is frozen)")
         self.trainable = [(n, p) for g in groups for n, p in zip(g["names"], g["params"])]
+        fused = (not info.sharded) if o.fused is None else o.fused
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                           lr=cfg.lr_at(0), betas=tuple(o.betas), eps=o.eps)
+                                           lr=cfg.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=fused)
         self.ema = None
         if cfg.ema is not None:
             self.ema = {n: p.detach().clone().float() for n, p in self.trainable}
