@@ -249,3 +249,18 @@ def test_train_config_errors_name_the_key_path():
         load_train_recipe("pi0-tiny", ["train.precision=fp16"])
     r = load_train_recipe("pi0-tiny", ["train.steps=7", "train.optimizer.lr=3e-4"])
     assert r.train.steps == 7 and r.train.optimizer.lr == 3e-4 and r.model.type == "pi0"
+
+
+def test_bench_train_smoke(tmp_path):
+    """The benchmark runs and records what it measured (facts only, never timings)."""
+    from vla_blocks import create_model
+    from vla_blocks.bench import run_suite
+    payload = run_suite("train", smoke=True, out=tmp_path, quiet=True)
+    (r,) = payload["results"]
+    torch.manual_seed(0)
+    model = create_model("acot-tiny")
+    assert r["recipe"] == "acot-tiny" and r["params"] == model.num_parameters()
+    assert r["param_tensors"] == sum(1 for p in model.parameters() if p.requires_grad)
+    assert set(r["timings"]) == {"fwd_bwd", "fwd_bwd_adamw", "hand_loop", "engine", "engine_ema"}
+    assert all(t["n"] == r["rounds"] for t in r["timings"].values())
+    assert json.loads(open(payload["paths"]["json"]).read())["suite"] == "train"

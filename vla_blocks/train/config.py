@@ -19,6 +19,7 @@ as ``train.optimizer.lr=3e-4`` apply before decoding. Learning-rate schedules ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -213,6 +214,13 @@ class TrainConfig:
     output_dir: str | None = None
 
     def __post_init__(self):
+        # the Python API may pass sections as plain mappings: decode them like the YAML ones
+        import typing
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, dict) and f.name not in ("freeze",):
+                setattr(self, f.name, decode(hints[f.name], v, f"train.{f.name}"))
         for k in ("steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")

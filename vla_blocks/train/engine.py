@@ -283,7 +283,8 @@ class Trainer:
         """Forward/backward over the micro-batches (gradients averaged), clip, AdamW, EMA. Returns tensors
         (``loss``, ``grad_norm``, the model's metrics) without synchronising."""
         cfg, info = self.cfg, self.info
-        self.model.train()
+        if not self.model.training:  # (a walk over every module: only after validation)
+            self.model.train()
         n = len(micro_batches)
         lr = cfg.lr_at(self.step)
         for g in self.optimizer.param_groups:
