@@ -32,15 +32,19 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(strategy, single, tmp_path, request):
+@pytest.mark.parametrize("strategy,accum", [("ddp", 2), ("fsdp", 1), ("hsdp", 1)])
+def test_two_ranks_match_one_process(strategy, accum, single, tmp_path, request):
+    """Same global batch of 4: one process; 2 DDP ranks × 2 accumulated micro-batches of 1; 2 FSDP2 shards;
+    HSDP on a (replicate 2, shard 1) mesh. Weights and EMA after 5 steps agree to 1e-5."""
     if strategy == "fsdp":
         tmp_path = request.getfixturevalue("fsdp_run")
     else:
-        spawn(train_run, 2, strategy, str(tmp_path / f"{strategy}.pt"), str(tmp_path / "run"))
+        spawn(train_run, 2, strategy, str(tmp_path / f"{strategy}.pt"), str(tmp_path / "run"), 5, 4, accum)
     got = torch.load(tmp_path / f"{strategy}.pt")
     ref = single[0]
     assert _max_diff(ref["state"], got["state"]) <= 1e-5
+    assert _max_diff(ref["ema"], got["ema"]) <= 1e-5
+    assert _max_diff(ref["ema"], ref["state"]) > 1e-3  # the EMA is not the weights
     for a, b in zip(ref["history"], got["history"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     # the 2-rank FSDP run wrote a sharded DCP checkpoint
@@ -48,11 +52,11 @@ def test_two_ranks_match_one_process(strategy, single, tmp_path, request):
         ck = tmp_path / "run" / "checkpoints" / "step-00000005"
         assert (ck / "dcp" / ".metadata").is_file()
         assert {p.name for p in ck.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
-        # the final save_pretrained folder (weights gathered from the shards) loads and matches
+        # the final save_pretrained folder (EMA weights gathered from the shards) loads and matches
         from vla_blocks import create_model
         loaded = create_model(f"local-dir:{tmp_path / 'run' / 'final'}")
         loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-        assert _max_diff(ref["state"], {k: v for k, v in loaded.state_dict().items()}) <= 1e-5
+        assert _max_diff(ref["ema"], dict(loaded.state_dict())) <= 1e-5
 
 
 def test_dcp_checkpoint_from_two_ranks_resumes_in_one(single, fsdp_run, tmp_path):
@@ -60,7 +64,7 @@ def test_dcp_checkpoint_from_two_ranks_resumes_in_one(single, fsdp_run, tmp_path
     run = tmp_path / "run"
     shutil.copytree(fsdp_run / "run", run)
     model = build(seed=123)  # other initial weights: everything must come from the checkpoint
-    c = cfg(steps=8, checkpoint={"every": 8})
+    c = cfg(steps=8, checkpoint={"every": 8}, ema={"decay": 0.8})
     data = DemoBatches(model, 4, seed=3, extra=noise_extra(model))
     tr = Trainer(model, c, data, run_dir=run)
     resumed = tr.resume()
@@ -69,3 +73,4 @@ def test_dcp_checkpoint_from_two_ranks_resumes_in_one(single, fsdp_run, tmp_path
     tr.fit(resume=True)
     assert tr.step == 8
     assert _max_diff(single[1]["state"], tr.final_state_dict(use_ema=False)) <= 1e-5
+    assert _max_diff(single[1]["ema"], tr.final_state_dict(use_ema=True)) <= 1e-5

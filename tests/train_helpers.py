@@ -41,6 +41,14 @@ def cfg(**kw) -> TrainConfig:
     return decode(TrainConfig, base, "train")
 
 
+def split_batches(source, parts: int):
+    for b in source:
+        n = next(len(v) for v in b.values() if isinstance(v, torch.Tensor))
+        per = n // parts
+        for i in range(parts):
+            yield {k: v[i * per:(i + 1) * per] if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,12 +75,16 @@ def spawn(fn, world, *args):
 def train_run(rank, world, strategy, out, run_dir=None, steps=5, global_batch=4, accum=1):
     """One training run on this rank; rank 0 saves the final full state dict to ``out``."""
     model = build()
-    c = cfg(steps=steps, batch_size=global_batch // world // accum, grad_accum=accum,
-            distributed={"strategy": strategy}, checkpoint={"every": steps})
-    data = DemoBatches(model, global_batch // accum, seed=3, rank=rank, world_size=world, extra=noise_extra(model))
+    c = cfg(steps=steps, batch_size=global_batch // world // accum, grad_accum=accum, ema={"decay": 0.8},
+            distributed={"strategy": strategy, "replicate": world if strategy == "hsdp" else 1},
+            checkpoint={"every": steps})
+    data = DemoBatches(model, global_batch, seed=3, rank=rank, world_size=world, extra=noise_extra(model))
+    if accum > 1:  # this rank's rows of each global batch, in `accum` micro-batches
+        data = split_batches(data, accum)
     from vla_blocks.train import Trainer
     tr = Trainer(model, c, data, run_dir=run_dir)
     tr.fit()
     sd = tr.final_state_dict(use_ema=False)
+    ema = tr.final_state_dict(use_ema=True)
     if rank == 0:
-        torch.save({"state": sd, "history": tr.history}, out)
+        torch.save({"state": sd, "ema": ema, "history": tr.history}, out)

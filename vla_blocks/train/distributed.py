@@ -91,15 +91,20 @@ def wrap_units(model: nn.Module) -> list[nn.Module]:
             any(c.__name__ in names for c in type(m).__mro__[1:2])]
 
 
-def wrap_model(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precision: str) -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precision: str,
+               grad_accum: int = 1) -> nn.Module:
     """DDP, or FSDP2 per wrap unit then the root. Returns the module to call for training."""
     if info.strategy == "none":
         return model
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, static_graph=cfg.static_graph,
-                   find_unused_parameters=cfg.find_unused_parameters)
+        static, unused = cfg.static_graph, cfg.find_unused_parameters
+        if grad_accum > 1 and static:
+            # DDP's static graph cannot skip the all-reduce with no_sync() (an internal assert in the reducer):
+            # accumulation searches for unused parameters instead
+            static, unused = False, True
+        return DDP(model, device_ids=ids, static_graph=static, find_unused_parameters=unused)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()

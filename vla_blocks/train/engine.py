@@ -105,6 +105,10 @@ def apply_compile(model: nn.Module, cfg) -> int:
     return len(units)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -207,7 +211,7 @@ class Trainer:
             apply_activation_checkpointing(model)
         if cfg.compile.enabled:
             apply_compile(model, cfg.compile)
-        self.model = wrap_model(model, info, cfg.distributed, cfg.precision)
+        self.model = wrap_model(model, info, cfg.distributed, cfg.precision, cfg.grad_accum)
         o = cfg.optimizer
         groups = param_groups(self.base, o.weight_decay)
         if not groups:
@@ -324,8 +328,9 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self):
         e = self.cfg.ema
-        ema = list(self.ema.values())
-        cur = [p.detach() for _, p in self.trainable]
+        # FSDP2: the EMA and the parameters are DTensors with the same placement; update the local shards
+        ema = [_local(t) for t in self.ema.values()]
+        cur = [_local(p.detach()) for _, p in self.trainable]
         if self.step <= e.start_step:
             torch._foreach_copy_(ema, cur)
         else:
@@ -443,7 +448,9 @@ class Trainer:
         use_ema = (self.cfg.ema is not None and self.cfg.ema.use_for_final) if use_ema is None else use_ema
         if use_ema and self.ema is not None:
             for n, v in self.ema.items():
-                sd[n] = full_tensor(v).detach().cpu().to(sd[n].dtype)
+                full = full_tensor(v)  # a collective under FSDP2: every rank gathers
+                if n in sd:  # the gathered state dict lives on rank 0 only
+                    sd[n] = full.detach().cpu().to(sd[n].dtype)
         return sd
 
     def save_final(self, directory: str | os.PathLike | None = None) -> Path | None:
