@@ -264,3 +264,24 @@ def test_bench_train_smoke(tmp_path):
     assert set(r["timings"]) == {"fwd_bwd", "fwd_bwd_adamw", "hand_loop", "engine", "engine_ema"}
     assert all(t["n"] == r["rounds"] for t in r["timings"].values())
     assert json.loads(open(payload["paths"]["json"]).read())["suite"] == "train"
+
+
+def test_flops_per_step_match_the_matmul_count():
+    """A linear model: forward 2·B·in·out, backward twice that (input and weight gradients) = 6·B·in·out."""
+    class Lin(torch.nn.Module):
+        _fsdp_wrap_modules = ()
+
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 32)
+            self.b = torch.nn.Linear(32, 4)
+
+        def forward(self, b):
+            return self.b(torch.relu(self.a(b["x"]))).pow(2).mean(), {}
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(8, 16)} for _ in range(3)]
+    tr = Trainer(Lin(), cfg(steps=3), batches)
+    tr.fit()
+    # the first layer's input needs no gradient: its backward is the weight gradient only
+    assert tr.flops_per_step == 2 * 8 * 16 * 32 * 2 + 2 * 8 * 32 * 4 * 3
+    assert all(r["tflops_per_s"] > 0 and "mfu" not in r for r in tr.history)

@@ -167,6 +167,7 @@ class LogConfig:
     progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when the tensorboard package is installed
     wandb: bool = False                                 # opt-in: needs a login/project
+    flops: bool = True      # count the model FLOPs of the first step (FlopCounterMode): TFLOP/s, and MFU on known GPUs
     wandb_project: str | None = None
 
 

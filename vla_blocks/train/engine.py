@@ -232,6 +232,8 @@ class Trainer:
         self._autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                           else contextlib.nullcontext())
         self.history: list[dict] = []
+        self.flops_per_step: int | None = None
+        self.peak_tflops: float | None = None
 
     # -- setup helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -336,6 +338,26 @@ class Trainer:
         else:
             torch._foreach_lerp_(ema, cur, 1.0 - e.decay)
 
+    def count_flops(self, micro: list[dict]) -> int:
+        """The model FLOPs of one optimizer step on this device (forward and backward of every micro-batch;
+        matmuls, convolutions and attention as ``FlopCounterMode`` counts them), from an extra forward+backward
+        of the first micro-batch whose gradients and random draws are discarded (a dispatch mode may route
+        ops differently, so the counted pass is never a training step)."""
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
+            with FlopCounterMode(display=False) as counter:
+                with self._autocast:
+                    loss, _ = self.model(to_device(micro[0], self.info.device))
+                loss.backward()
+        for p in self.model.parameters():
+            p.grad = None
+        self.flops_per_step = int(counter.get_total_flops()) * len(micro)
+        if self.info.device.type == "cuda":
+            from ..bench import gpu_peak_tflops
+            dtype = "bfloat16" if self.cfg.precision == "bf16" else "float32"
+            self.peak_tflops = gpu_peak_tflops(torch.cuda.get_device_name(self.info.device), dtype)
+        return self.flops_per_step
+
     # -- validation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
@@ -409,6 +431,8 @@ class Trainer:
                         raise RuntimeError(f"the data ran out after {self.consumed} micro-batches, before step "
                                            f"{cfg.steps}") from None
                     self.consumed += 1
+                if self.flops_per_step is None and cfg.log.flops and not cfg.compile.enabled:
+                    self.count_flops(micro)
                 out = self.train_step(micro)
                 if bar is not None:
                     bar.update(1)
@@ -418,7 +442,12 @@ class Trainer:
                     rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
                     rec = all_reduce_mean({k: v for k, v in rec.items() if k != "lr"}, info) | {"lr": out["lr"]}
                     now = time.perf_counter()
-                    rec["samples_per_s"] = per_step * (self.step - s_last) / max(now - t_last, 1e-9)
+                    steps_per_s = (self.step - s_last) / max(now - t_last, 1e-9)
+                    rec["samples_per_s"] = per_step * steps_per_s
+                    if self.flops_per_step:
+                        rec["tflops_per_s"] = self.flops_per_step * steps_per_s / 1e12  # per device
+                        if self.peak_tflops:
+                            rec["mfu"] = rec["tflops_per_s"] / self.peak_tflops
                     t_last, s_last = now, self.step
                     if val_now:
                         rec.update(self.validate())
