@@ -38,6 +38,23 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("ds") / "ds")
 
 
+@pytest.mark.parametrize("recipe", ["acot-tiny", "pi05-tiny"])
+def test_other_recipes_train_on_the_dataset_with_computed_stats(recipe, dataset, tmp_path):
+    """ACoT's longer chunk (EAR horizon × stride) and pi0.5's prompt come from the processor, not from errors;
+    data.stats=compute installs the training episodes' statistics into the saved model."""
+    from vla_blocks.data import LeRobotDataset
+    from vla_blocks.data.stats import compute_dataset_stats
+    from vla_blocks.train import train
+    res = train(recipe, [f"data.root={dataset}", "data.episodes=[0,1]", "data.stats=compute", "train.steps=3",
+                         "train.batch_size=2", "train.log.progress=none"], output_dir=tmp_path)
+    assert res.step == 3
+    st = json.loads((tmp_path / "final" / "normalization.json").read_text())
+    ref = compute_dataset_stats(LeRobotDataset(dataset, episodes=[0, 1], decode_video=False))
+    saved = st["normalizers"]["normalizer"]["stats"]["state"]
+    np.testing.assert_allclose(saved["mean"], ref["observation.state"]["mean"], rtol=1e-5)
+    np.testing.assert_allclose(saved["std"], ref["observation.state"]["std"], rtol=1e-5)
+
+
 def _records(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -75,6 +92,8 @@ def test_data_section_errors_name_the_key(dataset, tmp_path):
     from vla_blocks.train import train
     with pytest.raises(ConfigError, match=r"data.val_episode: unknown key"):
         train("pi0-tiny-demo", [f"data.root={dataset}", "data.val_episode=[3]"], output_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data.stats: 'nope.json' is neither"):
+        train("pi0-tiny-demo", [f"data.root={dataset}", "data.stats=nope.json"], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"episodes \[9\] do not exist"):
         train("pi0-tiny-demo", [f"data.root={dataset}", "data.val_episodes=[9]"], output_dir=tmp_path)
 

@@ -47,6 +47,10 @@ def test_two_ranks_match_one_process(strategy, accum, single, tmp_path, request)
     assert _max_diff(ref["ema"], ref["state"]) > 1e-3  # the EMA is not the weights
     for a, b in zip(ref["history"], got["history"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    # validation at step 5: the flow loss on the same held-out rows (fixed noise and times) agrees; sampled chunks
+    # go through predict_action_chunk (registered with register_fsdp_forward_method under FSDP2)
+    assert got["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], abs=1e-5)
+    assert got["history"][-1]["val_action_mse"] > 0
     # the 2-rank FSDP run wrote a sharded DCP checkpoint
     if strategy == "fsdp":
         ck = tmp_path / "run" / "checkpoints" / "step-00000005"

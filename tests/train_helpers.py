@@ -77,12 +77,13 @@ def train_run(rank, world, strategy, out, run_dir=None, steps=5, global_batch=4,
     model = build()
     c = cfg(steps=steps, batch_size=global_batch // world // accum, grad_accum=accum, ema={"decay": 0.8},
             distributed={"strategy": strategy, "replicate": world if strategy == "hsdp" else 1},
-            checkpoint={"every": steps})
+            checkpoint={"every": steps}, validation={"every": 5, "batches": 1})
     data = DemoBatches(model, global_batch, seed=3, rank=rank, world_size=world, extra=noise_extra(model))
     if accum > 1:  # this rank's rows of each global batch, in `accum` micro-batches
         data = split_batches(data, accum)
     from vla_blocks.train import Trainer
-    tr = Trainer(model, c, data, run_dir=run_dir)
+    val = [DemoBatches(model, global_batch, seed=99, rank=rank, world_size=world, extra=noise_extra(model)).batch(0)]
+    tr = Trainer(model, c, data, run_dir=run_dir, val_data=val)
     tr.fit()
     sd = tr.final_state_dict(use_ema=False)
     ema = tr.final_state_dict(use_ema=True)

@@ -33,6 +33,22 @@ class _Sequential:
             yield self.collate([self.dataset[i] for i in rows])
 
 
+def _stats(d, train_eps: list[int]):
+    """The statistics ``data.stats`` names (None: the dataset's own, which make_processor reads from its meta)."""
+    if d.stats == "dataset":
+        return None
+    from ..data import LeRobotDataset
+    from ..data.stats import compute_dataset_stats, from_openpi, stats_from_json
+    if d.stats == "compute":
+        return compute_dataset_stats(LeRobotDataset(d.root, episodes=train_eps, decode_video=False))
+    path = Path(d.stats)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.stats: {d.stats!r} is neither 'dataset', 'compute' nor a statistics JSON file")
+    import json
+    raw = json.loads(path.read_text())
+    return from_openpi(raw) if "norm_stats" in raw else stats_from_json(raw)
+
+
 def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
     """``(train batches, validation batches or None, processor)`` for the recipe's ``data:`` section."""
     from ..data import LeRobotDataset, make_processor
@@ -44,7 +60,8 @@ def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
     if bad:
         raise ValueError(f"data.episodes/val_episodes: episodes {bad} do not exist in {d.root} ({n_ep} episodes)")
     train_eps = list(d.episodes) if d.episodes is not None else [e for e in range(n_ep) if e not in set(d.val_episodes)]
-    proc = make_processor(model, meta, camera_map=d.camera_map)
+    stats = _stats(d, train_eps)
+    proc = make_processor(model, meta, stats=stats, camera_map=d.camera_map)
     delta = d.delta_timestamps or proc.delta_timestamps(fps=meta.fps)
     ds = LeRobotDataset(d.root, delta_timestamps=delta, episodes=train_eps)
     proc.train()
@@ -52,7 +69,7 @@ def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
                           drop_last=d.drop_last, num_workers=d.num_workers)
     val = None
     if d.val_episodes:
-        vproc = make_processor(model, meta, camera_map=d.camera_map).eval()
+        vproc = make_processor(model, meta, stats=stats, camera_map=d.camera_map).eval()
         vds = LeRobotDataset(d.root, delta_timestamps=delta, episodes=list(d.val_episodes))
         val = _Sequential(vds, t.batch_size, vproc, t.validation.batches)
     return data, val, proc

@@ -164,7 +164,7 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 10                                     # steps between metric records
-    progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
+    progress: Literal["auto", "tqdm", "none"] = "auto"  # auto: a tqdm bar when stderr is a terminal
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when the tensorboard package is installed
     wandb: bool = False                                 # opt-in: needs a login/project
     flops: bool = True      # count the model FLOPs of the first step (FlopCounterMode): TFLOP/s, and MFU on known GPUs
@@ -235,13 +235,17 @@ class DataConfig:
     """A LeRobotDataset and the model's processor (``vla_blocks.data``), built when training starts.
 
     ``root``: a local dataset folder or Hub id; ``episodes``: the training episodes (null: all but
-    ``val_episodes``); ``camera_map``: dataset camera key → model camera slot."""
+    ``val_episodes``); ``camera_map``: model camera slot → dataset camera key."""
 
     root: str
     episodes: list[int] | None = None
     val_episodes: list[int] = field(default_factory=list)
     delta_timestamps: dict[str, list[float]] | None = None
     camera_map: dict[str, str] | None = None
+    # normalisation statistics installed into the model: "dataset" (the dataset's stats.json), "compute" (one
+    # streaming pass over the training episodes: exact-histogram quantiles), or a JSON file (lerobot layout, or
+    # openpi's norm_stats.json)
+    stats: str = "dataset"
     shuffle: bool = True
     num_workers: int = 0
     drop_last: bool = True

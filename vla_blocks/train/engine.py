@@ -138,12 +138,12 @@ class MetricsLogger:
                 except ImportError:
                     if cfg.tensorboard is True:
                         raise ImportError("train.log.tensorboard=true needs the tensorboard package: "
-                                          "pip install vla-blocks[train]") from None
+                                          "pip install 'vla-blocks[train]'") from None
         if cfg.wandb:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("train.log.wandb=true needs wandb: pip install wandb") from None
+                raise ImportError("train.log.wandb=true needs wandb: pip install 'vla-blocks[wandb]'") from None
             self.wandb = wandb.init(project=cfg.wandb_project or "vla-blocks", config=config_dict,
                                     dir=str(run_dir) if run_dir else None)
 
