@@ -285,3 +285,16 @@ def test_flops_per_step_match_the_matmul_count():
     # the first layer's input needs no gradient: its backward is the weight gradient only
     assert tr.flops_per_step == 2 * 8 * 16 * 32 * 2 + 2 * 8 * 32 * 4 * 3
     assert all(r["tflops_per_s"] > 0 and "mfu" not in r for r in tr.history)
+
+
+def test_shipped_train_recipes_decode():
+    from vla_blocks.train import list_train_recipes
+    names = list_train_recipes()
+    assert {"pi0-tiny-demo", "pi0-libero", "pi05-libero"} <= set(names)
+    for n in names:
+        r = load_train_recipe(n)
+        assert r.train.steps > 0
+    r = load_train_recipe("pi0-libero")
+    assert (r.train.lr_at(0), r.train.lr_at(1000), r.train.lr_at(30000)) == pytest.approx((2.5e-5 / 1001, 2.5e-5, 2.5e-6))
+    r = load_train_recipe("pi05-libero")
+    assert (r.train.lr_at(10000), r.train.lr_at(29999)) == (5e-5, 5e-5)
