@@ -298,3 +298,30 @@ def test_shipped_train_recipes_decode():
     assert (r.train.lr_at(0), r.train.lr_at(1000), r.train.lr_at(30000)) == pytest.approx((2.5e-5 / 1001, 2.5e-5, 2.5e-6))
     r = load_train_recipe("pi05-libero")
     assert (r.train.lr_at(10000), r.train.lr_at(29999)) == (5e-5, 5e-5)
+
+
+def test_resume_fast_forwards_a_plain_iterable(tmp_path):
+    """Data without state_dict (a generator function): the resumed run skips the consumed batches."""
+    model = build()
+
+    def batches():
+        for i in range(100):
+            g = torch.Generator().manual_seed(i)
+            b = model.demo_batch(batch_size=2, generator=g)
+            b.update(noise_extra(model)(2, g))
+            yield b
+
+    class Source:
+        def __iter__(self):
+            return batches()
+
+    def run(d, steps, resume):
+        tr = Trainer(build(), cfg(steps=steps, checkpoint={"every": 3}, schedule={"decay_steps": 6}), Source(),
+                     run_dir=d)
+        tr.fit(resume=resume)
+        return tr.final_state_dict(use_ema=False)
+    full = run(tmp_path / "a", 6, False)
+    run(tmp_path / "b", 3, False)
+    got = run(tmp_path / "b", 6, True)
+    for k in full:
+        assert torch.equal(full[k], got[k]), k

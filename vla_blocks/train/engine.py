@@ -409,6 +409,8 @@ class Trainer:
         resumed = None
         if resume:
             resumed = self.resume(None if resume is True else resume)
+            if resumed is None and info.is_main:
+                print(f"no checkpoint under {self.run_dir}: starting at step 0", file=sys.stderr)
         if self.run_dir is not None and info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             import yaml
