@@ -49,7 +49,7 @@ def hf_config(mt: str, s: dict) -> dict:
              num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=1024,
              max_position_embeddings=max(4096, s["tokens"]), tie_word_embeddings=False, rms_norm_eps=1e-6)
     if mt == "gemma":
-        c.update(head_dim=s["width"] // s["heads"], hidden_activation="gelu_pytorch_tanh")
+        c.update(head_dim=s["width"] // s["heads"], hidden_act="gelu_pytorch_tanh")
     return c
 
 

@@ -28,4 +28,6 @@ def fixed_batch(model, B=2, seed=1, times=(0.3, 0.85)):
     if getattr(c, "ear", None) is not None:
         batch["coarse_noise"] = torch.randn(B, c.ear.horizon, c.action_dim, generator=g)
     batch["time"] = torch.tensor(times)[:B]
-    return batch
+    # as the model sees it (vla_blocks.batch): masked cameras and prompt padding zeroed, so hand-written
+    # references that read invalid positions (ACoT's IAR without mask_padding) see the same inputs
+    return model.check_batch(batch, "train")

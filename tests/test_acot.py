@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vla_blocks.conditioning import posemb_sincos
 from vla_blocks.model import create_model, model_config
 from vla_blocks.models.acot import EAR
 from vla_blocks.models.pi0 import ACT, VLM, policy_layout
@@ -16,6 +15,8 @@ from vla_blocks.normalize import Normalizer
 from vla_blocks.reasoners import stack_prefix_kv
 
 import policy_helpers
+from oracles.acot import action_guided_prediction
+from oracles.openpi import embed_suffix, sample_times
 
 
 @pytest.fixture
@@ -40,31 +41,9 @@ def linear(m, x):
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def reference_tokens(model, x_t, t, in_proj, mlp_in, mlp_out, state=None):
-    """Suffix token inputs and adaRMS cond from upstream's ``embed_suffix`` formulas."""
-    W = in_proj.out_features
-    a = linear(in_proj, x_t)
-    temb = posemb_sincos(t, W, 4e-3, 4.0)
-    if model.config.pi05:
-        return a, F.silu(linear(mlp_out, F.silu(linear(mlp_in, temb))))
-    x = torch.cat([a, temb[:, None].expand_as(a)], -1)
-    return linear(mlp_out, F.silu(linear(mlp_in, x))), None
-
-
-def reference_agp(model, a, coarse, z_im):
-    """Upstream's ``embed_suffix`` "expert" branch (acot_vla.py L620-667)."""
-    c = model.config
-    if c.ear is not None:
-        s_ex = model.explicit_action_reasoner(a, linear(model.coarse_action_in_proj, coarse))
-    if c.iar is not None:
-        s_im = model.implicit_action_reasoner_interact(a, z_im)
-    if c.ear is not None and c.iar is not None:
-        a_ex = linear(model.explicit_action_reason_proj, torch.cat([a, s_ex], -1))
-        a_im = linear(model.implicit_action_reason_proj, torch.cat([a, s_im], -1))
-        f = torch.cat([a_ex, a_im], -1)
-        return model.action_reasoning_fusion(f, f)
-    s = s_ex if c.ear is not None else s_im
-    return model.action_reasoning_fusion(torch.cat([a, s], -1))
+def reference_tokens(model, x_t, t, in_proj, mlp_in, mlp_out):
+    """Suffix token inputs and adaRMS cond from openpi's ``embed_suffix`` (oracles.openpi) with these weights."""
+    return embed_suffix(x_t, t, in_proj, mlp_in, mlp_out, model.config.pi05)
 
 
 def full_pass(model, batch, expert, label, tokens, cond):
@@ -96,8 +75,10 @@ def implicit_tokens_from_prefix_pass(model, batch):
     return model.implicit_action_reasoner(K, V, prefix.valid if model.config.iar.mask_padding else None)
 
 
-def three_pass_loss(model, batch):
-    """Upstream ``compute_loss``: three LLM passes, each recomputing the prefix; teacher forcing; shared t."""
+def three_pass_loss(model, batch, kind="mse"):
+    """Upstream ``compute_loss``: three LLM passes, each recomputing the prefix; teacher forcing; shared t.
+    ``kind="l1"`` takes |·| in place of (·)² (a recipe variant with HALO's loss)."""
+    err = (lambda d: d ** 2) if kind == "mse" else torch.abs
     c = model.config
     H, Hc, s = c.action_horizon, c.ear.horizon, c.ear.stride
     pad = lambda x: F.pad(x, (0, c.action_dim - x.shape[-1]))  # noqa: E731
@@ -120,10 +101,10 @@ def three_pass_loss(model, batch):
         act_in, act_cond = reference_tokens(model, x_t, batch["time"], model.action_in_proj,
                                             model.action_time_mlp_in, model.action_time_mlp_out)
     h_ref = full_pass(model, batch, EAR, "coarse_actions", ear_in, ear_cond)  # pass 2
-    act_in = reference_agp(model, act_in, coarse, z_im)  # teacher forcing: the ground-truth coarse trajectory
+    act_in = action_guided_prediction(model, act_in, coarse, z_im)  # teacher forcing: the true coarse trajectory
     h = full_pass(model, batch, ACT, "actions", act_in, act_cond)  # pass 3
-    loss_ref = ((linear(model.coarse_action_out_proj, h_ref) - u_ref) ** 2).mean()
-    loss_act = ((linear(model.action_out_proj, h) - u) ** 2).mean()
+    loss_ref = err(linear(model.coarse_action_out_proj, h_ref) - u_ref).mean()
+    loss_act = err(linear(model.action_out_proj, h) - u).mean()
     return loss_ref + loss_act, loss_ref, loss_act
 
 
@@ -167,10 +148,8 @@ def reference_sample(model, batch, noise, coarse_noise):
     z_im = implicit_tokens_from_prefix_pass(model, batch)
 
     def euler(x, velocity):
-        t, dt = 1.0, -0.1
-        while t >= -dt / 2:
-            x = x + dt * velocity(x, torch.full((B,), t))
-            t += dt
+        for t in sample_times(10):
+            x = x + -0.1 * velocity(x, torch.full((B,), t))
         return x
 
     def ear_v(x, t):
@@ -182,7 +161,7 @@ def reference_sample(model, batch, noise, coarse_noise):
 
     def act_v(x, t):
         tok, cond = reference_tokens(model, x, t, model.action_in_proj, model.time_mlp_in, model.time_mlp_out)
-        tok = reference_agp(model, tok, coarse, z_im)  # conditioned on the EAR sample
+        tok = action_guided_prediction(model, tok, coarse, z_im)  # conditioned on the EAR sample
         return linear(model.action_out_proj, full_pass(model, batch, ACT, "actions", tok, cond))
 
     return euler(noise, act_v), coarse
@@ -204,8 +183,8 @@ def test_prefix_cache_inference_equals_recomputing_the_prefix(one_thread):
         raw = model.infer(batch, noise=batch["noise"], coarse_noise=batch["coarse_noise"])
         assert raw["coarse_actions"].shape == (2, 5, 7) and raw["actions"].shape == (2, 4, 7)
         sampled = model.sample_actions(batch, noise=batch["noise"], coarse_noise=batch["coarse_noise"])
-    assert torch.allclose(raw["coarse_actions"], model.normalizer.unnormalize("coarse_actions", sampled["coarse_actions"])[..., :7])
-    assert torch.allclose(raw["actions"], model.normalizer.unnormalize("actions", sampled["actions"])[..., :7])
+    assert torch.allclose(raw["coarse_actions"], model.normalizer.unnormalize("coarse_actions", sampled["coarse_actions"][..., :7]))
+    assert torch.allclose(raw["actions"], model.normalizer.unnormalize("actions", sampled["actions"][..., :7]))
 
 
 def test_coarse_reference_from_the_chunk_equals_explicit_coarse_actions_with_their_own_stats():
@@ -294,7 +273,7 @@ def task_batch(model, trajectories, B, g):
     batch["tokenized_prompt"][:, 0] = 10 + k
     batch["tokenized_prompt_mask"][:] = False
     batch["tokenized_prompt_mask"][:, :2] = True
-    batch["images"][:, 0] = (k.float()[:, None, None, None] / trajectories.shape[0]) * 2 - 1
+    batch["images"][:, 0] = k.float()[:, None, None, None] / trajectories.shape[0]  # float images in [0, 1]
     batch["actions"] = trajectories[k] + 0.02 * torch.randn(B, trajectories.shape[1], trajectories.shape[2], generator=g)
     batch["coarse_target"] = trajectories[k][:, 0:(c.ear.horizon - 1) * c.ear.stride + 1:c.ear.stride]
     batch["fine_target"] = trajectories[k][:, :c.action_horizon]

@@ -8,20 +8,14 @@ from vla_blocks.attention import BackendUnavailable, MaskMeta, TILE_EMPTY, TILE_
 from vla_blocks.attention.dispatch import AttentionInputs
 from vla_blocks.layout import Layout, Segment
 
+from oracles.nn import attention as attention_oracle
+
 EXPERTS = ["und", "gen", "act"]
 
 
-def reference_attention(q, k, v, mask, scale=None):
-    """fp64 softmax attention written out: GQA by repeat, masked logits -inf, empty rows 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, 1)
-    v = v.repeat_interleave(rep, 1)
-    scale = scale or q.shape[-1] ** -0.5
-    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bhkd->bhqd", p, v)
+def reference_attention(q, k, v, mask):
+    """The written-out attention oracle (oracles.nn.attention) in float64 on a ``[B, N, N]`` mask."""
+    return attention_oracle(q.double(), k.double(), v.double(), mask)
 
 
 segment_st = st.tuples(st.sampled_from(["causal", "full", "noise"]), st.integers(1, 40),

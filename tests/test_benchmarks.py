@@ -230,3 +230,17 @@ def test_update_readme_rewrites_only_the_marked_section(tmp_path):
     assert text.startswith("# x\n\n## Benchmarks\n\nintro\n\n") and text.endswith(f"{README_END}\n\n## Next\n")
     assert "old" not in text and "No results committed yet" in text
     assert not update_readme(readme, tmp_path / "no-results")  # idempotent
+
+
+def test_composition_smoke(tmp_path):
+    p = run_smoke("composition", tmp_path)
+    md = check_common(p, "composition")
+    for r in p["bookkeeping"]:
+        assert 0 < r["bookkeeping_share"] < 1 and r["bookkeeping_calls"] > 0
+        assert close(sum(r["share_by_function"].values()), r["bookkeeping_share"])  # outermost calls only
+        assert r["meets_target"] == (r["bookkeeping_share"] <= r["target"])
+    d = p["halo_decode"]
+    base = d["rows"][0]["per_token_ms"]
+    assert close(d["max_deviation_from_smallest"], max(abs(r["per_token_ms"] / base - 1) for r in d["rows"]))
+    assert [r["horizon"] for r in p["flow_step"]["by_horizon"]] == sorted(r["horizon"] for r in p["flow_step"]["by_horizon"])
+    assert "bookkeeping share" in md

@@ -12,12 +12,30 @@ def test_recipes_lists_one_per_line(capsys):
     assert "mot-tiny" in lines and lines == sorted(lines)
 
 
+def _printed_total(out: str) -> int:
+    return int(out.strip().splitlines()[-1].split("(")[-1].rstrip(")").replace(",", ""))
+
+
+def qwen2_mot_params(D, L, H, Hkv, hd, V, experts, qk_norm=True):
+    """Analytic parameter count of mot-tiny's MoT on a Qwen2 backbone: per expert ``(width De, FFN Fe)`` and layer,
+    q/k/v with bias, o without, q/k norms, two norms, SwiGLU; a final norm per expert; untied embedding and LM
+    head on the backbone width ``D``."""
+    total = 2 * V * D
+    for De, Fe in experts:
+        attn = De * H * hd + H * hd + 2 * (De * Hkv * hd + Hkv * hd) + H * hd * De + (2 * hd if qk_norm else 0)
+        total += L * (attn + 2 * De + 3 * De * Fe) + De
+    return total
+
+
 def test_info_counts_parameters_without_allocating(capsys):
-    assert main(["info", "mot-tiny", "experts.act.hidden_size=32"]) == 0
+    assert main(["info", "mot-tiny", "experts.act.hidden_size=48"]) == 0
     out = capsys.readouterr().out
-    total = int(out.strip().splitlines()[-1].split("(")[-1].rstrip(")").replace(",", ""))
-    from vla_blocks.model import create_model
-    assert total == create_model("mot-tiny").num_parameters()
+    # mot-tiny: Qwen2 D 64, FFN 128, 2 layers, 4 heads / 2 KV heads of 16, vocab 256; und, gen at 64;
+    # act at 48 wide with ffn_ratio 0.5 of the backbone's FFN
+    expect = qwen2_mot_params(64, 2, 4, 2, 16, 256, [(64, 128), (64, 128), (48, 64)])
+    assert _printed_total(out) == expect
+    from vla_blocks.model import create_model  # and the materialised model holds exactly that many numbers
+    assert sum(p.numel() for p in create_model("mot-tiny", **{"experts.act.hidden_size": 48}).parameters()) == expect
     assert "[expert act]" in out and "[expert und]" in out
 
 
@@ -34,7 +52,8 @@ def test_info_large_recipe_is_cheap(capsys):
             "backbone.config.num_key_value_heads=1", "backbone.config.head_dim=256",
             "backbone.config.vocab_size=257152", "experts.act.hidden_size=1024"]
     assert main(args) == 0
-    total = int(capsys.readouterr().out.strip().splitlines()[-1].split("(")[-1].rstrip(")").replace(",", ""))
+    total = _printed_total(capsys.readouterr().out)
+    assert total == qwen2_mot_params(2048, 18, 8, 1, 256, 257152, [(2048, 16384), (2048, 16384), (1024, 8192)])
     assert total > 3e9
 
 

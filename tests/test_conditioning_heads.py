@@ -13,51 +13,16 @@ from vla_blocks.flow import flow_loss
 from vla_blocks.heads import ActionHead, PositionEmbedding2D, VisualLatentHead
 from vla_blocks.mot import AdaRMSNorm
 
+from oracles.bagel import patchify as bagel_patchify
+from oracles.bagel import sincos_2d_pos_embed as np_mae_2d
+from oracles.bagel import timestep_embedding as np_dit_timestep
+from oracles.halo import sincos_1d as np_halo_1d
+from oracles.nn import ada_rms_norm
+from oracles.openpi import posemb_sincos as np_posemb_sincos
+
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------- oracles (numpy)
-def np_posemb_sincos(pos, dim, min_period, max_period):
-    """openpi posemb_sincos (pi0.py L47-63)."""
-    fraction = np.linspace(0.0, 1.0, dim // 2)
-    period = min_period * (max_period / min_period) ** fraction
-    x = np.einsum("i,j->ij", pos, 1.0 / period * 2 * np.pi)
-    return np.concatenate([np.sin(x), np.cos(x)], axis=-1)
-
-
-def np_dit_timestep(t, dim, max_period=10000):
-    """DiT timestep_embedding: [cos ‖ sin], freqs exp(−log(max_period)·k/half)."""
-    half = dim // 2
-    freqs = np.exp(-math.log(max_period) * np.arange(half) / half)
-    args = t[:, None] * freqs[None]
-    emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
-    if dim % 2:
-        emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
-    return emb
-
-
-def np_halo_1d(length, dim):
-    """HALO apply_sinusoidal_pos_embedding: [sin ‖ cos], exponent log(1e4)/(dim/2 − 1)."""
-    half = dim // 2
-    freqs = np.exp(-np.arange(half) * math.log(10000) / (half - 1))
-    args = np.arange(length)[:, None] * freqs[None]
-    return np.concatenate([np.sin(args), np.cos(args)], axis=-1)
-
-
-def np_mae_2d(dim, grid_size):
-    """MAE get_2d_sincos_pos_embed (used by BAGEL): meshgrid(w, h), first half from grid[0]."""
-    def one_d(d, pos):
-        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
-        omega = 1.0 / 10000 ** omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    gh = np.arange(grid_size, dtype=np.float64)
-    gw = np.arange(grid_size, dtype=np.float64)
-    grid = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid_size, grid_size)
-    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -152,10 +117,9 @@ def test_adarms_time_mlp_is_pi05_and_drives_adarms_norm():
     nn_init.normal_(norm.dense.weight, std=0.1)
     x = torch.randn(2, 5, W, generator=gen(1))
     y, gate = norm(x, cond[:, None, :].expand(2, 5, W))
-    scale, shift, g = norm.dense(cond).chunk(3, -1)
-    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
-    torch.testing.assert_close(y, xn * (1 + scale[:, None]) + shift[:, None])
-    torch.testing.assert_close(gate, g[:, None].expand(2, 5, W))
+    y_ref, gate_ref = ada_rms_norm(x, norm.dense.weight, norm.dense.bias, cond[:, None, :].expand(2, 5, W), norm.eps)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gate, gate_ref)
 
 
 # ---------------------------------------------------------------------------------------------- action head
@@ -209,15 +173,6 @@ def test_action_head_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------- visual latent head
-def bagel_patchify(latent, p):
-    """BAGEL bagel.py L184-188, one image [C, H, W]: crop, (c,h,p,w,p) → (h,w,p,q,c) → [h·w, p²C]."""
-    c, H, W = latent.shape
-    h, w = H // p, W // p
-    x = latent[:, : h * p, : w * p].reshape(c, h, p, w, p)
-    x = torch.einsum("chpwq->hwpqc", x)
-    return x.reshape(-1, p * p * c)
-
-
 def test_visual_latent_patchify_matches_bagel_and_round_trips():
     head = VisualLatentHead(32, latent_channels=16, patch_size=2, max_latent_size=8)
     lat = torch.randn(2, 16, 9, 6, generator=gen(0))  # odd height is cropped

@@ -1,6 +1,6 @@
 """Converters from upstream checkpoints, offline, on synthetic checkpoints that use the real key names at the
-tiny recipes' shapes. The converted models are compared with modules laid out the upstream way, written here
-from the reference notes (../shared/reference/halo_bagel.md §1, §6; acot_pi0.md §1-3): a BAGEL/HALO Qwen2-MoT
+tiny recipes' shapes. The converted models are compared with modules laid out the upstream way (tests/oracles),
+written from the reference notes (../shared/reference/halo_bagel.md §1, §6; acot_pi0.md §1-3): a BAGEL/HALO Qwen2-MoT
 stack that looks its weights up by their suffixed names and routes tokens with gather/scatter, and an
 openpi/lerobot PaliGemma-with-expert stack (concatenated Q/K/V, prefix-LM mask, Gemma and adaRMS norms)."""
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vla_blocks import hub
@@ -17,6 +16,9 @@ from vla_blocks.cli import main
 from vla_blocks.convert import ConversionError, check_mapping, convert
 from vla_blocks.layout import Layout, Part, Segment
 from vla_blocks.model import VLAModel, create_model, model_config
+
+from oracles.bagel import qwen2_mot_stack
+from oracles.openpi import paligemma_with_expert
 
 SHA = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -137,68 +139,6 @@ def halo_converted(halo_src, tmp_path_factory):
     return out, report, VLAModel.from_pretrained(out)
 
 
-def rms(x, w, eps=1e-6):
-    x = x.float()
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rope(x, pos, theta):
-    """Half-split rotary embedding of ``x [N, heads, d]`` at integer positions ``pos [N]``."""
-    d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    ang = pos.float()[:, None] * inv
-    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def attend(q, k, v, mask, scale):
-    """``q [N, H, d]``, ``k, v [N, Hkv, d]`` (GQA), ``mask [N, N]`` bool → ``[N, H·d]``."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    s = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", s, v).reshape(q.shape[0], -1)
-
-
-def bagel_stack(sd, x, groups, pos, mask, theta=1e6):
-    """BAGEL's ``Qwen2MoTDecoderLayer`` × L + final norms on one packed sequence ``x [N, D]``: every sub-op
-    allocates ``new_zeros`` and index-puts each expert's result at its token indexes; weights by suffixed name."""
-    W = {k: v.float() for k, v in sd.items()}
-    N = x.shape[0]
-    for i in range(LAYERS):
-        P = f"language_model.model.layers.{i}"
-        h = x.new_zeros(N, D)
-        q, k, v = x.new_zeros(N, H, HD), x.new_zeros(N, HKV, HD), x.new_zeros(N, HKV, HD)
-        for S, idx in groups.items():
-            h[idx] = rms(x[idx], W[f"{P}.input_layernorm{S}.weight"])
-            q[idx] = F.linear(h[idx], W[f"{P}.self_attn.q_proj{S}.weight"], W[f"{P}.self_attn.q_proj{S}.bias"]
-                              ).view(-1, H, HD)
-            k[idx] = F.linear(h[idx], W[f"{P}.self_attn.k_proj{S}.weight"], W[f"{P}.self_attn.k_proj{S}.bias"]
-                              ).view(-1, HKV, HD)
-            v[idx] = F.linear(h[idx], W[f"{P}.self_attn.v_proj{S}.weight"], W[f"{P}.self_attn.v_proj{S}.bias"]
-                              ).view(-1, HKV, HD)
-        qn, kn = torch.zeros_like(q), torch.zeros_like(k)
-        for S, idx in groups.items():
-            qn[idx] = rms(q[idx], W[f"{P}.self_attn.q_norm{S}.weight"])
-            kn[idx] = rms(k[idx], W[f"{P}.self_attn.k_norm{S}.weight"])
-        a = attend(rope(qn, pos, theta), rope(kn, pos, theta), v, mask, HD ** -0.5)
-        o = x.new_zeros(N, D)
-        for S, idx in groups.items():
-            o[idx] = F.linear(a[idx], W[f"{P}.self_attn.o_proj{S}.weight"])
-        x = x + o
-        m = x.new_zeros(N, D)
-        for S, idx in groups.items():
-            h2 = rms(x[idx], W[f"{P}.post_attention_layernorm{S}.weight"])
-            g_, u = F.linear(h2, W[f"{P}.mlp{S}.gate_proj.weight"]), F.linear(h2, W[f"{P}.mlp{S}.up_proj.weight"])
-            m[idx] = F.linear(F.silu(g_) * u, W[f"{P}.mlp{S}.down_proj.weight"])
-        x = x + m
-    y = x.new_zeros(N, D)
-    for S, idx in groups.items():
-        y[idx] = rms(x[idx], W[f"language_model.model.norm{S}.weight"])
-    return y
-
-
 def test_halo_weights_land_where_bagel_names_say(halo_converted, halo_src):
     out, report, model = halo_converted
     _, sd = halo_src
@@ -257,7 +197,7 @@ def test_halo_mot_stack_matches_bagel_layer(halo_converted, halo_src):
     with torch.no_grad():
         ours = model.lm.stack(hidden, layout).hidden
     groups = {S: idx[e] for S, e in SUFFIXES.items()}
-    ref = bagel_stack(sd, x, groups, layout.position_ids[0], layout.dense_mask()[0])
+    ref = qwen2_mot_stack(sd, x, groups, layout.position_ids[0], layout.dense_mask()[0], LAYERS, H, HKV, HD)
     for e, i in idx.items():
         torch.testing.assert_close(ours[e], ref[i], rtol=1e-5, atol=1e-5)
 
@@ -368,60 +308,6 @@ def write_lerobot(folder: Path, pi05: bool, seed=0) -> dict:
     return sd
 
 
-def gemma_rms(x, w, eps=1e-6):
-    x = x.float()
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * (1.0 + w)
-
-
-def ada_rms(x, dense_w, dense_b, cond, eps=1e-6):
-    x = x.float()
-    scale, shift, gate = F.linear(cond, dense_w, dense_b).chunk(3, -1)
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * (1 + scale) + shift, gate
-
-
-def openpi_stack(sd, prefix, suffix, cond, pi05):
-    """openpi / lerobot ``PaliGemmaWithExpertModel`` joint pass for one sample: per layer each expert norms and
-    projects its own tokens, Q/K/V are concatenated along the sequence, RoPE (θ 1e4) at positions
-    cumsum(valid) − 1, eager attention under ``make_attn_mask`` with ar_mask [0]·P + [1] + [0]·(S−1), split back,
-    o_proj + (gated) residual, norm, GeGLU (gelu-tanh), (gated) residual; final norms."""
-    W = {k: v.float() for k, v in sd.items()}
-    P, S = prefix.shape[0], suffix.shape[0]
-    ar = torch.tensor([0] * P + [1] + [0] * (S - 1))
-    cum = ar.cumsum(0)
-    mask = cum[None, :] <= cum[:, None]
-    pos = torch.arange(P + S)
-    names = [f"{PALI}language_model.layers.{{i}}.", f"{EXP}model.layers.{{i}}."]
-    xs = [prefix.float(), suffix.float()]
-
-    def norm(e, x, name):
-        if e == 1 and pi05:
-            return ada_rms(x, W[name + ".dense.weight"], W[name + ".dense.bias"], cond)
-        return gemma_rms(x, W[name + ".weight"]), None
-
-    for i in range(PL):
-        pre = [n.format(i=i) for n in names]
-        hs, gates, qs, ks, vs = [], [], [], [], []
-        for e in range(2):
-            h, gate = norm(e, xs[e], pre[e] + "input_layernorm")
-            gates.append(gate)
-            qs.append(F.linear(h, W[pre[e] + "self_attn.q_proj.weight"]).view(-1, PH, PHD))
-            ks.append(F.linear(h, W[pre[e] + "self_attn.k_proj.weight"]).view(-1, PHKV, PHD))
-            vs.append(F.linear(h, W[pre[e] + "self_attn.v_proj.weight"]).view(-1, PHKV, PHD))
-        q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
-        a = attend(rope(q, pos, 1e4), rope(k, pos, 1e4), v, mask, PHD ** -0.5)
-        parts = [a[:P], a[P:]]
-        for e in range(2):
-            o = F.linear(parts[e], W[pre[e] + "self_attn.o_proj.weight"])
-            x = xs[e] + (o if gates[e] is None else o * gates[e])
-            h, gate = norm(e, x, pre[e] + "post_attention_layernorm")
-            f = F.linear(F.gelu(F.linear(h, W[pre[e] + "mlp.gate_proj.weight"]), approximate="tanh")
-                         * F.linear(h, W[pre[e] + "mlp.up_proj.weight"]), W[pre[e] + "mlp.down_proj.weight"])
-            xs[e] = x + (f if gate is None else f * gate)
-    out0 = gemma_rms(xs[0], W[PALI + "language_model.norm.weight"])
-    out1 = norm(1, xs[1], EXP + "model.norm")[0]
-    return out0, out1
-
-
 @pytest.mark.parametrize("kind", ["pi0", "pi05"])
 def test_lerobot_pi_conversion_matches_openpi_layers(kind, tmp_path):
     pi05 = kind == "pi05"
@@ -457,7 +343,7 @@ def test_lerobot_pi_conversion_matches_openpi_layers(kind, tmp_path):
     with torch.no_grad():
         ours = model.language_model.stack({"vlm": prefix, "act": suffix}, layout,
                                           cond={"act": cond.expand(S, -1)} if pi05 else None).hidden
-    ref0, ref1 = openpi_stack(sd, prefix, suffix, cond, pi05)
+    ref0, ref1 = paligemma_with_expert(sd, prefix, suffix, cond, pi05, PL, PH, PHKV, PHD, PALI, EXP)
     torch.testing.assert_close(ours["vlm"], ref0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["act"], ref1, rtol=1e-5, atol=1e-5)
     # and the converted policy runs

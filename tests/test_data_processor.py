@@ -56,7 +56,8 @@ def test_pi0_family_batches(recipe, dataset, stats):
     assert batch["image_masks"][:, :2].all() and not batch["image_masks"][:, 2:].any()  # 2 cameras, 3 slots
     # the image is exactly encoders.preprocess_images of the frame (no private resize)
     expect = preprocess_images(frames[1]["observation.images.top"][None] if frames[1]["observation.images.top"].ndim == 3
-                               else frames[1]["observation.images.top"][-1:], size=S, float_range="unit")
+                               else frames[1]["observation.images.top"][-1:], size=S, float_range="unit",
+                               out_range="unit")
     torch.testing.assert_close(batch["images"][1, 0], expect[0])
     # raw state and actions in, the model's normaliser holds the dataset statistics (no double normalisation)
     assert torch.equal(batch["state"][1], frames[1]["observation.state"])

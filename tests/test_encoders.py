@@ -13,6 +13,9 @@ from vla_blocks.encoders import (FLUX_VAE_CONFIG, Connector, FluxVAE, Siglip2NaV
                                  VisionConfig, navit_size, patchify_images_navit, preprocess_images)
 from vla_blocks.heads import VisualLatentHead
 
+from oracles.nn import siglip_vision_model
+from oracles.openpi import resize_with_pad
+
 SIGLIP = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=28,
               patch_size=14)
 SIGLIP2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
@@ -31,20 +34,6 @@ def rand_uint8(*shape, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
-def openpi_resize_with_pad(images_bhwc_uint8, height, width):
-    """openpi's torch resize_with_pad for uint8 [B, H, W, C], written from its description: scale by
-    max(W/w, H/h), bilinear (align_corners False), round to uint8, centre-pad with 0."""
-    x = images_bhwc_uint8.permute(0, 3, 1, 2).float()
-    H, W = x.shape[-2:]
-    ratio = max(W / width, H / height)
-    rh, rw = int(H / ratio), int(W / ratio)
-    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False).round().clamp(0, 255)
-    top, left = (height - rh) // 2, (width - rw) // 2
-    out = torch.zeros(x.shape[0], 3, height, width)
-    out[:, :, top: top + rh, left: left + rw] = x
-    return out
-
-
 def test_preprocess_same_size_is_exact_scaling():
     img = rand_uint8(2, 28, 28, 3)
     out = preprocess_images(img, size=28)
@@ -57,7 +46,7 @@ def test_preprocess_same_size_is_exact_scaling():
 def test_preprocess_resize_with_pad_matches_openpi():
     img = rand_uint8(2, 40, 21, 3, seed=2)
     out = preprocess_images(img, size=28)
-    ref = openpi_resize_with_pad(img, 28, 28) / 255 * 2 - 1
+    ref = resize_with_pad(img, 28, 28) / 255 * 2 - 1
     torch.testing.assert_close(out, ref)
     # 40×21 → 28×14 (int(21/ (40/28)) = 14), padded 7 | 7 columns of black (−1)
     assert torch.equal(out[..., :7], -torch.ones(2, 3, 28, 7)) and torch.equal(out[..., 21:], -torch.ones(2, 3, 28, 7))
@@ -77,10 +66,8 @@ def test_preprocess_bad_input():
 
 # ---------------------------------------------------------------------------------------------- SigLIP
 def reference_siglip(enc):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-    ref = SiglipVisionModel(SiglipVisionConfig(**{**SIGLIP, "vision_use_head": False})).eval()
-    missing, unexpected = ref.load_state_dict(enc.model.state_dict(), strict=False)
-    return ref, missing, unexpected
+    """transformers' SigLIP vision model (oracles.nn) at SIGLIP's config with ``enc``'s weights."""
+    return siglip_vision_model(SIGLIP, enc.model.state_dict())
 
 
 def test_siglip_features_match_transformers():

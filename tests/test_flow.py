@@ -12,6 +12,9 @@ from vla_blocks.flow import (BetaTimeSampler, FlowMatching, LogitNormalTimeSampl
                              UniformTimeSampler, cfg_in_interval, cfg_velocity, euler_sample, flow_loss,
                              interpolate, shift_time, time_grid, velocity_target)
 
+from oracles.bagel import cfg as bagel_cfg
+from oracles.openpi import sample_times
+
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -170,21 +173,11 @@ def test_flow_loss_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------- grids and Euler
-def openpi_times(num_steps):
-    """openpi sample_actions: t = 1; while t >= −dt/2: use t; t += dt."""
-    dt = -1.0 / num_steps
-    t, out = 1.0, []
-    while t >= -dt / 2:
-        out.append(t)
-        t += dt
-    return out
-
-
 def test_time_grid_openpi_steps():
     g = time_grid(num_steps=10)
     assert g.dtype == torch.float32 and g.numel() == 11 and g[0] == 1.0 and g[-1] == 0.0
-    assert len(openpi_times(10)) == 10
-    np.testing.assert_allclose(g[:-1].numpy(), openpi_times(10), atol=1e-6)
+    assert len(sample_times(10)) == 10
+    np.testing.assert_allclose(g[:-1].numpy(), sample_times(10), atol=1e-6)
     np.testing.assert_allclose((g[1:] - g[:-1]).numpy(), -0.1, atol=1e-6)
 
 
@@ -217,7 +210,7 @@ def test_euler_matches_openpi_loop():
     calls = []
     out = euler_sample(lambda x, t: calls.append(float(t)) or v(x, t), x, time_grid(num_steps=10))
     assert len(calls) == 10
-    np.testing.assert_allclose(calls, openpi_times(10), atol=1e-6)
+    np.testing.assert_allclose(calls, sample_times(10), atol=1e-6)
     # openpi: x ← x + dt·v(x, t), t ← t + dt
     ref, t, dt = x.clone(), 1.0, -0.1
     while t >= -dt / 2:
@@ -262,24 +255,6 @@ def test_euler_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------- CFG
-def bagel_cfg(v_t, cfg_text_v_t, cfg_img_v_t, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min):
-    """BAGEL _forward_flow guidance, written from the reference notes (§3.4)."""
-    if cfg_text_scale <= 1.0:
-        return v_t
-    if cfg_renorm_type == "text_channel":
-        v_text_ = cfg_text_v_t + cfg_text_scale * (v_t - cfg_text_v_t)
-        s = (v_t.norm(dim=-1, keepdim=True) / (v_text_.norm(dim=-1, keepdim=True) + 1e-8)).clamp(cfg_renorm_min, 1.0)
-        v_text = v_text_ * s
-        return cfg_img_v_t + cfg_img_scale * (v_text - cfg_img_v_t) if cfg_img_scale > 1.0 else v_text
-    v_text_ = cfg_text_v_t + cfg_text_scale * (v_t - cfg_text_v_t)
-    v_ = cfg_img_v_t + cfg_img_scale * (v_text_ - cfg_img_v_t) if cfg_img_scale > 1.0 else v_text_
-    if cfg_renorm_type == "global":
-        n, n_ = v_t.norm(), v_.norm()
-    else:
-        n, n_ = v_t.norm(dim=-1, keepdim=True), v_.norm(dim=-1, keepdim=True)
-    return v_ * (n / (n_ + 1e-8)).clamp(cfg_renorm_min, 1.0)
-
-
 @pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
 @pytest.mark.parametrize("scales", [(4.0, 2.0), (4.0, 1.0), (1.0, 2.0), (1.5, 1.5), (0.5, 3.0)])
 @pytest.mark.parametrize("renorm_min", [0.0, 0.9])

@@ -12,6 +12,9 @@ from vla_blocks.models.halo import (ContextItem, HaloContext, HaloSample, format
                                     synthetic_sample)
 from vla_blocks.tokenization import SPECIAL_TOKENS, TokenizerConfig, _raw_byte_tokenizer, build_offline_tokenizer
 
+from oracles import halo as halo_oracle
+from oracles.bagel import guided_euler, prepare_attention_mask_per_sample
+
 # halo-tiny geometry for 32×32 frames: ViT patch 8, ≤ 16 patches → 4×4 tokens; VAE ×8 and 2×2 patches → 2×2 tokens
 VIT, LAT, CHUNK, A = 16, 4, 16, 14
 
@@ -32,55 +35,11 @@ def _samples(seed=0):
             synthetic_sample("emcot", A, CHUNK, 32, g)]
 
 
-# ---------------------------------------------------------------------------------------------- reference oracles
-def bagel_prepare_attention_mask_per_sample(split_lens, attn_modes):
-    """BAGEL ``data/data_utils.py`` ``prepare_attention_mask_per_sample``, re-written from the reference (§2.2)."""
-    L = sum(split_lens)
-    m = torch.zeros(L, L, dtype=torch.bool)
-    a = 0
-    for n, mode in zip(split_lens, attn_modes):
-        m[a:a + n, :a] = True
-        m[a:a + n, a:a + n] = torch.ones(n, n, dtype=torch.bool).tril() if mode == "causal" else True
-        a += n
-    a = 0
-    for n, mode in zip(split_lens, attn_modes):
-        if mode == "noise":
-            m[:, a:a + n] = False
-            m[a:a + n, a:a + n] = True
-        a += n
-    return m
-
-
 def reference_splits(sample: HaloSample, tok):
-    """(length, attn_mode, kind) of every split of HALO's plans (reference §2.2), counted by hand."""
-    vit, vae, act = (VIT + 2, "full", "vit"), (LAT + 2, "full", "vae"), (CHUNK + 2, "noise", "action")
-    prompt = (len(tok.encode(format_prompt(sample.instruction))) + 2, "causal", "text")
-    if sample.thought is None:
-        return [vit] * len(sample.history) + [prompt, act]
-    thought = (len(tok.encode(sample.thought)) + 2, "causal", "text")
-    return ([vae, vit] * len(sample.history) + [prompt, thought, (LAT + 2, "noise", "vae_noisy"), vae, vit, act])
-
-
-def reference_rope(splits):
-    """RoPE ids from the reference table (§2.1): text consecutive (rope += len); ViT / clean VAE one id
-    (rope += 1); noisy VAE / action one id, rope not advanced."""
-    r, out = 0, []
-    for n, _, kind in splits:
-        if kind == "text":
-            out += list(range(r, r + n))
-            r += n
-        else:
-            out += [r] * n
-            r += 1 if kind in ("vit", "vae") else 0
-    return out
-
-
-def reference_experts(splits):
-    out = []
-    for n, _, kind in splits:
-        inner = {"text": "und", "vit": "und", "vae": "gen", "vae_noisy": "gen", "action": "act"}[kind]
-        out += ["und"] * n if kind == "text" else ["und"] + [inner] * (n - 2) + ["und"]
-    return out
+    """The hand-counted splits of ``sample``'s plan (oracles.halo.splits) at halo-tiny's geometry."""
+    thought = None if sample.thought is None else len(tok.encode(sample.thought))
+    return halo_oracle.splits(len(sample.history), len(tok.encode(format_prompt(sample.instruction))), thought,
+                              VIT, LAT, CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -120,7 +79,7 @@ def test_packed_emcot_mask_matches_bagel_per_sample_mask(model):
     layout: Layout = batch["layout"]
     assert batch["rows"] == [[0, 1, 2]]
     splits = [reference_splits(s, model.tokenizer) for s in samples]
-    blocks = [bagel_prepare_attention_mask_per_sample([n for n, _, _ in sp], [m for _, m, _ in sp]) for sp in splits]
+    blocks = [prepare_attention_mask_per_sample([n for n, _, _ in sp], [m for _, m, _ in sp]) for sp in splits]
     expected = torch.zeros(1000, 1000, dtype=torch.bool)
     a = 0
     for b in blocks:  # documents: block-diagonal, padding attends nothing and is never attended
@@ -137,8 +96,8 @@ def test_rope_ids_and_routing_follow_reference_tables(model):
     rope, experts = [], []
     for s in samples:
         sp = reference_splits(s, model.tokenizer)
-        rope += reference_rope(sp)  # restarts at 0 for every document
-        experts += reference_experts(sp)
+        rope += halo_oracle.rope_ids(sp)  # restarts at 0 for every document
+        experts += halo_oracle.experts(sp)
     assert layout.position_ids[0].tolist() == rope
     assert [layout.experts[i] for i in layout.expert_id[0].tolist()] == experts
 
@@ -333,24 +292,9 @@ def test_context_holds_each_observation_once(rmodel):
 
 
 def _euler(m, contexts, make_item, label, noise, grid, scales, interval):
-    """Independent sampler: Euler on the grid with BAGEL's two-condition CFG and global renorm."""
-    x = noise.clone()
-    for i in range(len(grid) - 1):
-        t, dt = grid[i], grid[i + 1] - grid[i]
-        item = make_item(x, t)
-        v = m._velocity(contexts["full"], item, label).reshape(x.shape)
-        st, si = scales
-        if interval[0] < t <= interval[1] and st > 1:  # image guidance nests inside text guidance (BAGEL)
-            v_nt = m._velocity(contexts["no_text"], item, label).reshape(x.shape)
-            v_txt = v_nt + st * (v - v_nt)
-            if si > 1:
-                v_ni = m._velocity(contexts["no_image"], item, label).reshape(x.shape)
-                v_cfg = v_ni + si * (v_txt - v_ni)
-            else:
-                v_cfg = v_txt
-            v = v_cfg * torch.clamp(v.norm() / (v_cfg.norm() + 1e-8), 0, 1)
-        x = x + dt * v
-    return x
+    """Independent sampler: BAGEL's guided Euler chain (oracles.bagel.guided_euler) on the model's velocities."""
+    return guided_euler(lambda c, x, t: m._velocity(contexts[c], make_item(x, t), label).reshape(x.shape), noise,
+                        grid, scales, interval)
 
 
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (4.0, 2.0)])

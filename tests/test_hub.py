@@ -46,6 +46,21 @@ def assert_same_model(a, b):
     assert torch.equal(la, lb) and torch.equal(ga, gb)
 
 
+def assert_sharded(folder: Path, keys) -> list[Path]:
+    """``folder`` holds a real sharded checkpoint: several ``model-i-of-n.safetensors`` files (n = their count)
+    and no single file, and an index whose ``weight_map`` covers exactly ``keys``, names only existing shards,
+    and says truly where each tensor is (read back with safetensors). Returns the shard paths."""
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    assert all(p.name.endswith(f"-of-{len(shards):05d}.safetensors") for p in shards), [p.name for p in shards]
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map) == set(keys)
+    assert set(weight_map.values()) == {p.name for p in shards}
+    for p in shards:
+        assert set(load_file(p)) == {k for k, f in weight_map.items() if f == p.name}, p.name
+    return shards
+
+
 def fake_cache(cache: Path, repo_id: str, folder: Path, sha: str = SHA, refs=("main",)) -> Path:
     """The Hub cache layout: models--org--name/{refs/<ref>, snapshots/<sha>/<files>} (plain files, no blobs)."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
@@ -106,7 +121,7 @@ def test_normalisation_stats_round_trip(tiny, tmp_path):
     data = json.loads((out / "normalization.json").read_text())
     assert data["normalizers"]["normalizer"]["stats"]["actions"]["q99"] == [1.0, 2.0]
     loaded = VLAModel.from_pretrained(out)
-    x = torch.tensor([[0.5, 1.0, 7.0]])
+    x = torch.tensor([[0.5, 1.0]])
     assert torch.equal(loaded.normalizer.normalize("actions", x), model.normalizer.normalize("actions", x))
     assert loaded.normalizer.mode == "quantile"
 
@@ -149,7 +164,8 @@ def test_fake_hub_cache_dir_argument(tiny, tmp_path):
 
 def test_fake_hub_cache_sharded(tiny, tmp_path, offline_hub):
     folder = tiny.save_pretrained(tmp_path / "m", max_shard_size="100KB")
-    fake_cache(offline_hub, "org/sharded", folder)
+    snap = fake_cache(offline_hub, "org/sharded", folder)
+    assert_sharded(snap, tiny.state_dict())  # the cached snapshot really is sharded
     assert_same_model(tiny, create_model("hf-hub:org/sharded"))
 
 
@@ -215,14 +231,15 @@ def test_push_folder_sharded_with_branch_and_stats(tmp_path, fake_upload):
     model = create_model("mot-tiny")
     model.normalizer = Normalizer("zscore", {"actions": {"mean": [0.0], "std": [1.0]}})
     folder = model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    shards = [p.name for p in assert_sharded(folder, model.state_dict())]
     (folder / "notes.txt").write_text("not uploaded")
     hub.push_to_hub(folder, "me/sharded", revision="v1", commit_message="first")
     names = [c[0] for c in fake_upload]
     assert names == ["create_repo", "create_branch", "upload_folder"]
     kw = fake_upload[2][2]
     assert kw["revision"] == "v1" and kw["commit_message"] == "first"
-    shards = [f for f in kw["files"] if f.startswith("model-")]
-    assert len(shards) > 1 and "model.safetensors.index.json" in kw["files"] and "normalization.json" in kw["files"]
+    assert sorted(f for f in kw["files"] if f.startswith("model-")) == shards  # every shard, nothing else
+    assert "model.safetensors.index.json" in kw["files"] and "normalization.json" in kw["files"]
     assert "notes.txt" not in kw["files"] and "model.safetensors" not in kw["files"]
 
 
@@ -313,10 +330,7 @@ def test_truncated_and_corrupt_files_name_the_file(tiny, tmp_path):
 
 def test_sharded_round_trip_and_missing_shard(tiny, tmp_path):
     folder = tiny.save_pretrained(tmp_path / "m", max_shard_size="100KB")
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(tiny.state_dict())
+    shards = assert_sharded(folder, tiny.state_dict())
     assert_same_model(tiny, VLAModel.from_pretrained(folder))
     shards[-1].unlink()
     with pytest.raises(hub.CorruptCheckpointError, match=shards[-1].name):

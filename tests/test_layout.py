@@ -6,44 +6,10 @@ from hypothesis import given, settings, strategies as st
 
 from vla_blocks.layout import Layout, Part, Segment
 
+from oracles.bagel import prepare_attention_mask_per_sample
+from oracles.openpi import make_attn_mask
+
 EXPERTS = ["und", "gen", "act"]
-
-
-# ------------------------------------------------------------------ hand-written upstream references
-def bagel_mask_per_sample(splits):
-    """BAGEL ``prepare_attention_mask_per_sample`` (reference halo_bagel.md §2.2), as a bool mask.
-
-    ``splits`` = list of (length, attn_mode). 1) rows of split [a,b) see every column < a; inside,
-    causal → lower triangle, full/noise → ones. 2) for every noise split, zero the column block and
-    set its own diagonal block back to ones.
-    """
-    L = sum(n for n, _ in splits)
-    m = torch.zeros(L, L, dtype=torch.bool)
-    a = 0
-    for n, mode in splits:
-        b = a + n
-        m[a:b, :a] = True
-        if mode == "causal":
-            m[a:b, a:b] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        else:
-            m[a:b, a:b] = True
-        a = b
-    a = 0
-    for n, mode in splits:
-        b = a + n
-        if mode == "noise":
-            m[:, a:b] = False
-            m[a:b, a:b] = True
-        a = b
-    return m
-
-
-def openpi_make_attn_mask(input_mask, ar_mask):
-    """openpi ``make_attn_mask`` (reference acot_pi0.md §3.3): cumsum blocks, causal across, AND validity."""
-    cs = torch.cumsum(ar_mask.long(), dim=-1)
-    att = cs[:, None, :] <= cs[:, :, None]
-    valid = input_mask[:, None, :] & input_mask[:, :, None]
-    return att & valid
 
 
 # ------------------------------------------------------------------ strategies
@@ -69,7 +35,7 @@ def test_dense_mask_matches_bagel_per_sample_mask(samples, pack, extra_pad):
     for b, row in enumerate(rows):
         t = 0
         for s in row:
-            m = bagel_mask_per_sample([(n, mode) for mode, n, _, _ in s])
+            m = prepare_attention_mask_per_sample([n for _, n, _, _ in s], [mode for mode, _, _, _ in s])
             L = m.shape[0]
             expect[b, t:t + L, t:t + L] = m  # documents are block-diagonal
             t += L
@@ -78,7 +44,7 @@ def test_dense_mask_matches_bagel_per_sample_mask(samples, pack, extra_pad):
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=24))
-def test_dense_mask_matches_openpi_make_attn_mask(tokens):
+def test_dense_mask_matches_make_attn_mask(tokens):
     """Each openpi ar-block (ar_mask True starts one) is one ``full`` segment of the layout."""
     ar = torch.tensor([True] + [a for a, _ in tokens[1:]])
     valid = torch.tensor([v for _, v in tokens])
@@ -87,7 +53,7 @@ def test_dense_mask_matches_openpi_make_attn_mask(tokens):
     for a, b in zip(bounds[:-1], bounds[1:]):
         segs.append(Segment.of("full", "und", b - a, f"b{a}", valid=valid[a:b]))
     layout = Layout.from_samples([segs], ["und"])
-    ref = openpi_make_attn_mask(valid[None], ar[None])
+    ref = make_attn_mask(valid[None], ar[None])
     assert torch.equal(layout.dense_mask(), ref)
 
 
@@ -100,7 +66,7 @@ def test_pi0_layout_prefix_state_actions_matches_openpi():
                                    Segment.of("noise", "act", H, "actions")]], ["und", "act"])
     input_mask = torch.cat([valid_prefix, torch.ones(1 + H, dtype=torch.bool)])
     ar = torch.tensor([False] * (3 * cam + txt) + [True] + [True] + [False] * (H - 1))
-    assert torch.equal(layout.dense_mask()[0], openpi_make_attn_mask(input_mask[None], ar[None])[0])
+    assert torch.equal(layout.dense_mask()[0], make_attn_mask(input_mask[None], ar[None])[0])
 
 
 def test_rope_positions_follow_bagel_table():
@@ -158,3 +124,27 @@ def test_bad_segments_are_rejected():
         Layout.from_samples([[Segment.of("full", "und", 2, "x", valid=[1, 0, 1])]], EXPERTS)
     with pytest.raises(ValueError, match="pad_to"):
         Layout.from_samples([[Segment.of("full", "und", 4, "x")]], EXPERTS, pad_to=2)
+
+
+def test_grow_equals_rebuilding_with_a_longer_last_segment():
+    """Decoding grows the context's layout token by token; it must equal the layout rebuilt from segments."""
+    from vla_blocks.layout import Layout, Part, Segment
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        segs = []
+        for i in range(int(torch.randint(1, 5, (1,), generator=g))):
+            mode = ["causal", "full", "noise"][int(torch.randint(0, 3, (1,), generator=g))]
+            rope = "block" if mode == "full" and trial % 2 else "sequential"
+            segs.append(Segment(mode, [Part("und", 1, "text"), Part("gen", int(torch.randint(1, 4, (1,), generator=g)),
+                                                                      "img")], rope=rope))
+        n0, k = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
+        grown = Layout.from_samples([segs + [Segment.of("causal", "und", n0, "text")]], ["und", "gen"]).grow(k, "text")
+        ref = Layout.from_samples([segs + [Segment.of("causal", "und", n0 + k, "text")]], ["und", "gen"])
+        for f in ("expert_id", "position_ids", "doc_id", "seg_id", "seg_mode", "valid"):
+            assert torch.equal(getattr(grown, f), getattr(ref, f)), f
+        assert grown.label_index.keys() == ref.label_index.keys()
+        for lab in ref.label_index:
+            assert torch.equal(grown.label_index[lab], ref.label_index[lab]), lab
+        assert torch.equal(grown.mask_meta().dense(), ref.mask_meta().dense())
+    with pytest.raises(ValueError, match="causal"):
+        Layout.from_samples([[Segment.of("full", "und", 2, "img")]], ["und"]).grow(1, "text")

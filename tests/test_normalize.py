@@ -56,13 +56,19 @@ def test_quantile_formula_and_inverse():
 def test_padded_dims_pass_through_and_unknown_keys_are_identity(mode):
     x = data()
     norm = Normalizer.from_data({"actions": x}, mode=mode)
-    y = torch.randn(2, 5, 32)  # model space is padded to 32 dims, stats have 7
-    back = norm.unnormalize("actions", y)
+    y = torch.randn(2, 5, 32)  # model space is padded to 32 dims, stats have 7: explicit padded=True
+    back = norm.unnormalize("actions", y, padded=True)
     assert torch.equal(back[..., 7:], y[..., 7:])
     assert torch.allclose(back[..., :7], norm.unnormalize("actions", y[..., :7]))
     assert torch.equal(norm.normalize("state", y), y)  # no stats for "state": identity
-    short = torch.randn(2, 3)  # fewer dims than the stats: the leading stats apply
-    assert torch.allclose(norm.normalize("actions", short), norm.normalize("actions", torch.cat([short, torch.zeros(2, 4)], -1))[:, :3])
+    from vla_blocks.errors import StatsError
+    with pytest.raises(StatsError, match="7 dims but the tensor has 32") as e:  # never silently the first 7
+        norm.unnormalize("actions", y)
+    assert e.value.key == "actions"
+    with pytest.raises(StatsError, match="narrower"):  # fewer dims than the stats: never the leading stats
+        norm.normalize("actions", torch.randn(2, 3))
+    with pytest.raises(StatsError, match="narrower"):
+        norm.normalize("actions", torch.randn(2, 3), padded=True)
 
 
 def test_to_dict_from_dict_roundtrip_through_json_and_per_key_modes():

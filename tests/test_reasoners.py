@@ -10,6 +10,8 @@ from vla_blocks.reasoners import (AttentionPoolingExtractor, DownsampleExtractor
                                   LearnableQueryExtractor, UnifiedAttentionModule, coarse_reference,
                                   reference_chunk_length, stack_prefix_kv)
 
+from oracles.acot import attention_pooling_extractor, downsample_extractor
+
 G = torch.Generator().manual_seed(0)
 
 
@@ -28,48 +30,6 @@ def randomize(module):
     return module
 
 
-def ref_pool(q, k, v, mask, flatten):
-    """Upstream's per-layer attention: q [B|1, H, Q, Hd], k/v [B, H, T, Hd] → pooled, flattened like upstream."""
-    B = k.shape[0]
-    attn = torch.einsum("bhqd,bhkd->bhqk", q.expand(B, -1, -1, -1), k) / math.sqrt(k.shape[-1])
-    if mask is not None:
-        attn = attn.masked_fill(~mask[:, None, None, :], float("-inf"))
-    pooled = torch.einsum("bhqk,bhkd->bhqd", attn.softmax(-1), v)  # (B, H, Q, Hd)
-    if flatten == "downsample":  # mean over queries, then (B, H, Hd).transpose(0, 2, 1).reshape(B, -1)
-        return pooled.mean(2).transpose(1, 2).reshape(B, -1)
-    return pooled.transpose(1, 2).reshape(B, -1)  # attention pooling: (B, 1, H, Hd) → (B, H·Hd)
-
-
-def ref_downsample(ext, K, V, mask=None):
-    B, L, T, _ = K.shape
-    h, hd, nq = ext.num_heads, ext.head_dim, ext.num_queries
-    out = []
-    for l in range(L):
-        g = l // ext.group_size
-        q = lin(ext.q_proj[g], ext.query_params[l][None]).reshape(1, nq, h, hd).transpose(1, 2)
-        k = lin(ext.k_proj[g], K[:, l]).reshape(B, T, h, hd).transpose(1, 2)
-        v = lin(ext.v_proj[g], V[:, l]).reshape(B, T, h, hd).transpose(1, 2)
-        out.append(lin(ext.out_proj[g], ref_pool(q, k, v, mask, "downsample")))
-    return torch.stack(out, 1)
-
-
-def ref_attention_pooling(ext, K, V, mask=None):
-    B, L, T, _ = K.shape
-    h, hd = ext.num_heads, ext.head_dim
-    out = []
-    for l in range(L):
-        g = l // ext.group_size
-        if mask is None:
-            Ql = K[:, l].mean(1, keepdim=True)
-        else:
-            Ql = (K[:, l] * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
-        q = lin(ext.q_proj[g], Ql).reshape(B, 1, h, hd).transpose(1, 2)
-        k = lin(ext.k_proj[g], K[:, l]).reshape(B, T, h, hd).transpose(1, 2)
-        v = lin(ext.v_proj[g], V[:, l]).reshape(B, T, h, hd).transpose(1, 2)
-        out.append(lin(ext.out_proj[g], ref_pool(q, k, v, mask, "pooling")))
-    return torch.stack(out, 1)
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_downsample_extractor_matches_per_layer_reference(masked):
     ext = randomize(DownsampleExtractor(16, 24, 5, downsample_dim=8, group_size=3, num_queries=1, num_heads=4))
@@ -80,21 +40,21 @@ def test_downsample_extractor_matches_per_layer_reference(masked):
         mask[:, 0] = True
     got = ext(K, V, mask)
     assert got.shape == (2, 5, 24)
-    assert (got - ref_downsample(ext, K, V, mask)).abs().max() < 1e-4
+    assert (got - downsample_extractor(ext, K, V, mask)).abs().max() < 1e-4
     # several queries per layer are averaged
     ext3 = randomize(DownsampleExtractor(16, 24, 5, downsample_dim=8, group_size=2, num_queries=3, num_heads=4))
-    assert (ext3(K, V, mask) - ref_downsample(ext3, K, V, mask)).abs().max() < 1e-4
+    assert (ext3(K, V, mask) - downsample_extractor(ext3, K, V, mask)).abs().max() < 1e-4
 
 
 def test_learnable_query_and_attention_pooling_match_references():
     K, V = kv()
     lq = randomize(LearnableQueryExtractor(4, 16, 24, 5, num_heads=2, head_dim=8, group_size=3))
-    assert (lq(K, V) - ref_downsample(lq, K, V)).abs().max() < 1e-4  # same formula, 4 queries averaged
+    assert (lq(K, V) - downsample_extractor(lq, K, V)).abs().max() < 1e-4  # same formula, 4 queries averaged
     ap = randomize(AttentionPoolingExtractor(16, 24, 5, num_heads=2, head_dim=8, group_size=3))
     mask = torch.rand(2, 9, generator=G) > 0.3
     mask[:, 0] = True
-    assert (ap(K, V) - ref_attention_pooling(ap, K, V)).abs().max() < 1e-4
-    assert (ap(K, V, mask) - ref_attention_pooling(ap, K, V, mask)).abs().max() < 1e-4
+    assert (ap(K, V) - attention_pooling_extractor(ap, K, V)).abs().max() < 1e-4
+    assert (ap(K, V, mask) - attention_pooling_extractor(ap, K, V, mask)).abs().max() < 1e-4
 
 
 def test_mask_padding_ignores_invalid_positions_and_upstream_default_does_not():

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-SUITES = ("attention", "inference", "backbone", "data", "train")
+SUITES = ("attention", "inference", "backbone", "build", "data", "composition", "train")
 SCHEMA_VERSION = 1
 
 # Dense (non-sparse) tensor-core peaks in TFLOP/s, by GPU name fragment (longest match first).
@@ -510,6 +510,7 @@ def run_suite(name: str, *, device: str = "cpu", smoke: bool = False, out: str |
         raise ValueError("--device cuda: no CUDA device is available here")
     mod = load_suite(name)
     options = dict(options or {})
+    check_options(mod, name, smoke, options)
     threads_before = torch.get_num_threads()
     if dev.type == "cpu":
         # Default 1 thread: on a shared machine OpenMP barriers across oversubscribed cores inflate small ops
@@ -521,6 +522,48 @@ def run_suite(name: str, *, device: str = "cpu", smoke: bool = False, out: str |
         return _run_suite(mod, name, dev, smoke, out, options, merge, quiet)
     finally:
         torch.set_num_threads(threads_before)
+
+
+class _ReadOptions(dict):
+    """Options that remember which keys a suite's settings function asked about."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read: set[str] = set()
+
+    def __contains__(self, k):
+        self.read.add(k)
+        return super().__contains__(k)
+
+    def __getitem__(self, k):
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+
+def check_options(mod, name: str, smoke: bool, options: dict):
+    """``--set`` keys a suite never reads are errors (a typo would silently run the defaults): the suite's
+    settings function (``resolve_settings(ctx)`` / ``settings(ctx)``) runs on the options first and every key
+    it did not ask about is reported with the keys it did."""
+    import difflib
+
+    from .config import ConfigError
+    given = [k for k in options if k != "threads"]
+    if not given:
+        return
+    fn = getattr(mod, "resolve_settings", None) or getattr(mod, "settings", None)
+    probe = _ReadOptions(options)
+    if fn is not None:
+        fn(BenchContext(torch.device("cpu"), smoke, TimerSettings.smoke() if smoke else TimerSettings(), probe, True))
+    known = sorted(probe.read | {"threads"})
+    for k in given:
+        if k not in probe.read:
+            close = difflib.get_close_matches(k, known, n=2)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"bench {name}: unknown --set key {k!r}{hint} (options of {name}: {', '.join(known)})")
 
 
 def _run_suite(mod, name, dev, smoke, out, options, merge, quiet) -> dict:

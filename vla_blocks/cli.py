@@ -1,11 +1,12 @@
 """The ``vla-blocks`` command line.
 
 Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
-parameter counts per expert and in total, computed on the meta device: no weights allocated),
+parameter counts per expert and in total, computed on the meta device: no weights allocated;
+``--show-config`` prints the resolved recipe as YAML instead),
 ``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
 listed in :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``), implemented beside what they drive and
 imported only when used.
-Errors print one line saying what is wrong and exit with status 2.
+Errors print one line saying what is wrong and exit with status 2 (``--debug``: the traceback instead).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "vla_blocks.train.api:add_arguments", "vla_blocks.train.api:run"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
+    "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
+                 "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
+    "trace": ("view saved policy / episode traces as one self-contained offline HTML report",
+              "vla_blocks.trace.view:add_arguments", "vla_blocks.trace.view:run"),
 }
 
 
@@ -83,7 +88,23 @@ def cmd_recipes(args) -> int:
 
 def cmd_info(args) -> int:
     cfg, model = build_on_meta(args.recipe, args.overrides)
+    if getattr(args, "show_config", False):
+        from .config import dump_recipe
+        print(f"# {args.recipe}" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+              + ": the resolved recipe (base, overrides and defaults applied)")
+        print(dump_recipe(cfg), end="")
+        return 0
     print(f"{args.recipe}: {type(model).__name__} (type: {cfg.type})")
+    if getattr(args, "batch", False):
+        schema = getattr(type(model), "batch_schema", None)
+        if schema is None:
+            print("  no batch schema: this model is not a policy")
+            return 0
+        print(f"  batch schema ({schema.name}; checked at forward / sample_actions / infer / predict_action_chunk / "
+              f"select_action):")
+        for line in schema.describe(model.batch_dims()):
+            print(f"    {line}")
+        return 0
     tree = parameter_tree(model)
     width = max(len(k) for k in tree) if tree else 10
     for k, n in tree.items():
@@ -145,12 +166,16 @@ def _show(v) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-blocks", description="vla_blocks: building blocks for VLA models.")
+    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("recipes", help="list the model recipes shipped with the package, one per line")
     s.set_defaults(fn=cmd_recipes)
     s = sub.add_parser("info", help="component tree with parameter counts (no weights allocated)")
     s.add_argument("recipe", help="recipe name, recipe path, hf-hub:org/name or local-dir:path")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. experts.act.hidden_size=512")
+    s.add_argument("--show-config", action="store_true",
+                   help="print the resolved recipe (YAML: base, overrides and defaults applied) instead of the tree")
+    s.add_argument("--batch", action="store_true", help="print the model's batch schema (keys, dtypes, shapes, ranges)")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
@@ -160,7 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        s.set_defaults(fn=_LazyRun(run), _add=add)
+        s.set_defaults(fn=_LazyRun(run))
     return p
 
 
@@ -175,25 +200,44 @@ class _LazyRun:
 
 
 def _parse(parser: argparse.ArgumentParser, argv):
-    """Parse in two steps: the subcommand name first, then its own options (imported on demand)."""
+    """Parse after adding the options of the subcommand named in ``argv`` (its module imported on demand)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    head = [a for a in argv if a not in ("-h", "--help")]
-    args = parser.parse_known_args(head)[0] if head else None
-    add = getattr(args, "_add", None)
-    if add is not None:
+    if "--debug" in argv[1:]:  # accepted after the subcommand too
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name in SUBCOMMANDS:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        _resolve(add)(sub.choices[args.command])
+        _resolve(SUBCOMMANDS[name][1])(sub.choices[name])
     return parser.parse_args(argv)
 
 
+def error_line(e: BaseException) -> str:
+    """One line for an exception: project errors (ValueError family, missing files) by their message, anything
+    else prefixed with its type; a multi-line message keeps its first line and says how many more there are."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    text = str(msg).strip() or type(e).__name__
+    if not isinstance(e, (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError)):
+        text = f"{type(e).__name__}: {text}"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1:
+        return f"{lines[0].rstrip(':')} (+{len(lines) - 1} more lines: rerun with --debug)"
+    return lines[0] if lines else text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Every error is one line on stderr and exit status 2 (1 for an interrupted run);
+    ``--debug`` prints the traceback instead."""
     parser = make_parser()
     args = _parse(parser, argv)
     try:
         return args.fn(args)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"vla-blocks {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"vla-blocks {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, never a traceback unless asked
+        if args.debug:
+            raise
+        print(f"vla-blocks {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,20 @@ A field typed with a slot base is read from a mapping with a ``type:`` key namin
 Recipes are YAML files (``recipes/*.yaml`` shipped with the package, or any path), optionally
 inheriting from another recipe with ``base: <name>``; dotted overrides (``experts.act.hidden_size=512``)
 apply on top. Every error names the file, the key path and the closest valid choices.
+
+How a recipe combines with its base (and overrides with the recipe):
+
+- mappings merge key by key, recursively; a mapping tagged ``!replace`` replaces the inherited one
+  instead (``config: !replace {hidden_size: 64}``; ``config: !replace {}`` clears it). A dotted
+  override always replaces the value at its key;
+- changing a component's ``type`` starts from that component: inherited keys it does not have are
+  dropped;
+- changing a *family key* of a component drops the inherited fields that belong to the old family.
+  A component declares them in ``family_keys`` (``{key: fields to drop}``): for ``hf_causal_lm``
+  changing ``model_type`` drops the inherited ``config``, and changing ``pretrained`` drops the
+  inherited ``config`` and ``model_type`` (both are read from the checkpoint). Such fields set next to
+  the change (in the same recipe, or by any override) are taken as given, not merged into the old
+  ones; overrides that switch ``type`` or a family key apply before the others, whatever their order.
 Third-party packages add components through the entry-point group ``vla_blocks.components``
 (each entry point is a module imported before the first lookup).
 """
@@ -57,10 +71,15 @@ _PLUGINS_LOADED = False
 
 
 class ComponentConfig:
-    """Base of every slot base. ``type`` is the registered name of the concrete class."""
+    """Base of every slot base. ``type`` is the registered name of the concrete class.
+
+    ``family_keys`` maps a field to the fields that belong to its value: when a recipe or an override
+    changes that field, the inherited values of those fields are dropped (see the module docstring).
+    """
 
     type: typing.ClassVar[str] = ""
     slot: typing.ClassVar[str] = ""
+    family_keys: typing.ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init_subclass__(cls, slot: str | None = None, **kw):
         super().__init_subclass__(**kw)
@@ -107,6 +126,9 @@ def registered(slot: str) -> dict[str, type]:
 
 def component_class(slot: str, name: str, *, file: str | None = None, path: str = "type") -> type:
     reg = registered(slot)
+    if not isinstance(name, str):
+        raise ConfigError(f"{_where(file, path)}: a {slot} component name must be a string, got {name!r} "
+                          f"(valid: {', '.join(sorted(reg))})")
     if name not in reg:
         raise ConfigError(f"{_where(file, path)}: unknown {slot} component {name!r}{_suggest(name, reg)}")
     return reg[name]
@@ -263,13 +285,67 @@ def _resolve_recipe_file(ref: str) -> Path:
     raise ConfigError(f"unknown recipe {ref!r}{_suggest(ref, list_recipes())}")
 
 
+class Replace(dict):
+    """A mapping tagged ``!replace`` in a recipe: it replaces the inherited mapping instead of merging into it."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader plus the ``!replace`` tag on mappings."""
+
+
+def _construct_replace(loader, node):
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, "!replace applies to a mapping ({...})", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+_RecipeLoader.add_constructor("!replace", _construct_replace)
+
+
+def load_yaml(text: str):
+    """Parse recipe YAML (safe loader + the ``!replace`` tag)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _plain(x):
+    """``x`` without :class:`Replace` markers (plain dicts and lists)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _component_classes(name) -> list[type]:
+    """Registered classes named ``name`` (in any slot)."""
+    if not isinstance(name, str):
+        return []
+    _load_plugins()
+    return [reg[name] for reg in _REGISTRY.values() if name in reg]
+
+
+def _family_resets(type_name, changed: set[str]) -> set[str]:
+    """Fields to drop from the inherited mapping of component ``type_name`` when ``changed`` keys change."""
+    drop: set[str] = set()
+    for cls in _component_classes(type_name):
+        for key, dependents in getattr(cls, "family_keys", {}).items():
+            if key in changed:
+                drop.update(dependents)
+    return drop
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("type", out[k].get("type")) == out[k].get("type"):
-            out[k] = _merge(out[k], v)
+        old = out.get(k)
+        if isinstance(v, Replace) or not isinstance(v, dict) or not isinstance(old, dict):
+            out[k] = _plain(v) if isinstance(v, Replace) else v
+        elif v.get("type", old.get("type")) != old.get("type"):
+            out[k] = v  # another component: start from it
         else:
-            out[k] = v
+            changed = {f for f in v if f not in old or v[f] != old[f]}
+            drop = _family_resets(old.get("type"), changed)  # what ``v`` sets of them lands unmerged
+            out[k] = _merge({f: x for f, x in old.items() if f not in drop}, v)
     return out
 
 
@@ -279,7 +355,7 @@ def read_recipe(ref: str, _seen: tuple = ()) -> tuple[dict, str]:
     if str(f) in _seen:
         raise ConfigError(f"{f}: recipe inheritance loops through {' -> '.join(_seen)}")
     try:
-        data = yaml.safe_load(f.read_text())
+        data = load_yaml(f.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{f}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -301,15 +377,25 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        return key, yaml.safe_load(val)
+        return key, _plain(load_yaml(val))
     except yaml.YAMLError:
         return key, val
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any], file: str | None = None) -> dict:
-    """Set dotted keys in raw recipe data (validation happens when it is decoded)."""
+    """Set dotted keys in raw recipe data (validation happens when it is decoded).
+
+    An override replaces the value at its key. Overrides that switch a component (``type``) or a family key
+    (e.g. ``backbone.model_type``) apply first and drop the fields of the old component / family; the
+    other overrides then apply on top, whatever their order.
+    """
     data = _deepcopy(data)
-    for key, val in overrides.items():
+    def switches(key: str) -> bool:
+        return key.split(".")[-1] == "type" or any(key.split(".")[-1] in getattr(c, "family_keys", {})
+                                                   for reg in _REGISTRY.values() for c in reg.values())
+    _load_plugins()
+    items = sorted(overrides.items(), key=lambda kv: not switches(kv[0]))  # stable: switches first
+    for key, val in items:
         parts = key.split(".")
         node = data
         for i, p in enumerate(parts[:-1]):
@@ -327,8 +413,11 @@ def apply_overrides(data: dict, overrides: dict[str, Any], file: str | None = No
                 node.clear()
             else:
                 _keep_fields_of(node, node.get("type"), val)
+        elif last not in node or node[last] != val:
+            for f in _family_resets(node.get("type"), {last}):
+                node.pop(f, None)
         node[last] = val
-    return data
+    return _plain(data)
 
 
 def _keep_fields_of(node: dict, old_type, new_type: str):
@@ -344,7 +433,7 @@ def _keep_fields_of(node: dict, old_type, new_type: str):
 
 def _deepcopy(x):
     if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
+        return {k: _deepcopy(v) for k, v in x.items()}  # drops Replace markers too
     if isinstance(x, list):
         return [_deepcopy(v) for v in x]
     return x
@@ -357,6 +446,7 @@ def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = 
         data, file = _deepcopy(ref), "<dict>"
     else:
         data, file = read_recipe(ref)
+        data = _plain(data)
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
     if overrides:
@@ -379,5 +469,5 @@ def dump_recipe(cfg) -> str:
 
 
 __all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
-           "load_recipe", "read_recipe", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
+           "load_recipe", "read_recipe", "load_yaml", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
            "dataclass"]

@@ -18,7 +18,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ __all__ = ["VisionConfig", "SiglipVision", "Siglip2NaViT", "SiglipVisionEncoder"
 
 # ---------------------------------------------------------------------------------------------- preprocessing
 def preprocess_images(images: torch.Tensor, size: int | tuple[int, int] = 224, float_range: str = "unit",
-                      pad_value: float = -1.0, antialias: bool = False) -> torch.Tensor:
+                      pad_value: float = -1.0, antialias: bool = False, out_range: str = "signed") -> torch.Tensor:
     """Resize-with-pad (keep the aspect ratio, pad centred) and scale to [−1, 1]; torch only.
 
     ``images``: uint8 [B, H, W, 3] (or [B, 3, H, W]) in [0, 255], or float in [0, 1]
@@ -44,10 +44,17 @@ def preprocess_images(images: torch.Tensor, size: int | tuple[int, int] = 224, f
     uint8 images follow openpi's torch ``resize_with_pad``: resized in float, rounded back to uint8
     levels, padded with 0 (black), then scaled with ``x/255·2 − 1``.
 
+    ``out_range="unit"`` returns the same pixels mapped to [0, 1] (``(x + 1) / 2``: what policies take as
+    float images, see :mod:`vla_blocks.batch`).
+
     Example: ``pixels = preprocess_images(obs["image"], size=224)``.
     """
     if float_range not in ("unit", "signed"):
         raise ValueError(f"unknown float_range {float_range!r} (valid: 'unit', 'signed')")
+    if out_range not in ("unit", "signed"):
+        raise ValueError(f"unknown out_range {out_range!r} (valid: 'unit', 'signed')")
+    if out_range == "unit":
+        return (preprocess_images(images, size, float_range, pad_value, antialias) + 1.0) * 0.5
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim == 3:
@@ -106,6 +113,7 @@ class SiglipVision(VisionConfig):
     Example: ``SiglipVision(pretrained="/ckpt/siglip-so400m", num_layers=26).build()(pixels)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     num_layers: int | None = None
@@ -127,6 +135,7 @@ class Siglip2NaViT(VisionConfig):
     Example: ``feats, counts, grids = Siglip2NaViT(config=cfg).build()(images_list)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     num_layers: int | None = None
@@ -353,6 +362,7 @@ class FluxVAE(VAEConfig):
     Example: ``FluxVAE(pretrained="/ckpt/flux-vae").build().encode(pixels)``.
     """
 
+    family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     subfolder: str | None = None

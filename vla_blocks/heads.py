@@ -1,7 +1,10 @@
 """Flow heads: the action head (pi0 / ACoT / HALO) and the visual-latent head (BAGEL / HALO images).
 
 Both map noisy data to expert tokens (``embed``) and expert outputs back to velocities (``decode``);
-time conditioning lives in :mod:`vla_blocks.conditioning` and is composed by the model.
+time conditioning lives in :mod:`vla_blocks.conditioning`. :class:`FlowHead` composes the three parts a
+model needs per flow-matched output — an :class:`ActionHead`, one time-conditioning block and a
+:class:`~vla_blocks.flow.FlowMatching` recipe — and is what pi0, pi0.5, ACoT (action and EAR coarse heads)
+and HALO (action head) instantiate.
 """
 
 from __future__ import annotations
@@ -9,9 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conditioning import TimestepEmbedder, sincos_1d_table, sincos_2d_table
+from .conditioning import AdaRMSTimeMLP, ConcatTimeMLP, TimestepEmbedder, sincos_1d_table, sincos_2d_table
+from .flow import FlowMatching, euler_sample, interpolate, velocity_target
 
-__all__ = ["ActionHead", "PositionEmbedding2D", "VisualLatentHead"]
+__all__ = ["ActionHead", "PositionEmbedding2D", "VisualLatentHead", "FlowHead", "TIME_CONDITIONING"]
+
+#: How a :class:`FlowHead` tells its expert the flow time: ``concat`` (pi0: ``ConcatTimeMLP`` fuses
+#: ``posemb(t)`` into the tokens), ``adarms`` (pi0.5: ``AdaRMSTimeMLP`` gives the condition of the expert's
+#: adaRMS norms), ``additive`` (BAGEL/HALO: ``TimestepEmbedder(t)`` added to every token).
+TIME_CONDITIONING = ("concat", "adarms", "additive")
 
 
 class ActionHead(nn.Module):
@@ -143,7 +152,7 @@ class VisualLatentHead(nn.Module):
     - :meth:`patchify` / :meth:`unpatchify`: p×p patches in BAGEL's channel-last order → [B, h·w, p²C].
     - ``vae2llm`` (p²C→D), ``llm2vae`` (D→p²C, zero-init), ``time_embedder`` (:class:`TimestepEmbedder`,
       optional) and ``latent_pos_embed`` (:class:`PositionEmbedding2D`, ids ``h·max_latent_size + w``).
-    - :meth:`embed`: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed(ids)``; :meth:`decode`: ``llm2vae``.
+    - :meth:`embed`: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed(ids)`` (in that order); :meth:`decode`: ``llm2vae``.
 
     Example::
 
@@ -202,16 +211,98 @@ class VisualLatentHead(nn.Module):
         if x_t.shape[-1] != self.patch_dim:
             raise ValueError(f"x_t last dim must be {self.patch_dim}, got {tuple(x_t.shape)}")
         h = self.vae2llm(x_t.to(self.vae2llm.weight.dtype))
-        h = h + self.latent_pos_embed(position_ids).to(h.dtype)
-        if t is not None:
+        if t is not None:  # BAGEL's order: vae2llm(x) + time embedding + position embedding
             if self.time_embedder is None:
                 raise ValueError("this VisualLatentHead has no time_embedder")
-            temb = self.time_embedder(t).to(h.dtype)
+            temb = self.time_embedder(torch.as_tensor(t, device=h.device)).to(h.dtype)
             h = h + temb.unsqueeze(-2) if temb.ndim == h.ndim - 1 else h + temb
-        return h
+        return h + self.latent_pos_embed(position_ids).to(h.dtype)
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Expert outputs [..., N, D] → velocities [..., N, p²C]."""
         if h.shape[-1] != self.width:
             raise ValueError(f"h last dim must be {self.width}, got {tuple(h.shape)}")
         return self.llm2vae(h)
+
+
+class FlowHead(nn.Module):
+    """One flow-matched output of a model: noisy data ↔ expert tokens, time conditioning, loss and sampler.
+
+    Composition of an :class:`ActionHead` (``proj``: in/out projections, optional pi0 state token, optional
+    HALO 1-D table), a time-conditioning block (``time``; see :data:`TIME_CONDITIONING`: ``concat`` →
+    :class:`~vla_blocks.conditioning.ConcatTimeMLP`, ``adarms`` → :class:`~vla_blocks.conditioning.AdaRMSTimeMLP`,
+    ``additive`` → the ActionHead's :class:`~vla_blocks.conditioning.TimestepEmbedder`) and a
+    :class:`~vla_blocks.flow.FlowMatching` recipe (``flow``: time sampler, loss kind, reduction, grid).
+    Convention (DESIGN §4): t = 1 noise, t = 0 data, ``x_t = t·ε + (1−t)·x0``, target ``ε − x0``.
+
+    Models keep upstream parameter names by registering the head's sub-modules under those names
+    (:meth:`vla_blocks.model.VLAModel.expose`); the head itself does the computing.
+
+    Example::
+
+        head = FlowHead(32, 64, time="adarms")               # a pi0.5 action head
+        x_t, u = head.training_pair(x0, t)                     # x0 [B, H, 32], t [B]
+        tokens, cond = head.embed(x_t, t)                      # [B, H, 64], adaRMS cond [B, 64]
+        loss = head.loss(head.decode(expert_out), u)
+        x0_hat = head.sample(lambda x, t: head.decode(run_expert(*head.embed(x, t.expand(B)))), noise)
+    """
+
+    def __init__(self, action_dim: int, width: int, *, time: str = "concat", flow: FlowMatching | None = None,
+                 state_dim: int | None = None, pos_embed: str = "none", zero_init_out: bool = False):
+        super().__init__()
+        if time not in TIME_CONDITIONING:
+            raise ValueError(f"unknown time conditioning {time!r} (valid: {', '.join(TIME_CONDITIONING)})")
+        self.time_kind = time
+        self.flow = flow if flow is not None else FlowMatching()
+        self.proj = ActionHead(action_dim, width, zero_init_out=zero_init_out, state_dim=state_dim,
+                               pos_embed=pos_embed, time_embedder=time == "additive")
+        self.time = ConcatTimeMLP(width) if time == "concat" else AdaRMSTimeMLP(width) if time == "adarms" else None
+
+    @property
+    def action_dim(self) -> int:
+        return self.proj.action_dim
+
+    @property
+    def width(self) -> int:
+        return self.proj.width
+
+    def embed(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Noisy data ``x_t [B, H, ≤A]`` at times ``t [B]`` → ``(tokens [B, H, W], adaRMS cond [B, W] or None)``
+        (``concat`` and ``additive`` heads put the time into the tokens, ``adarms`` into the cond)."""
+        if self.time_kind == "additive":
+            return self.proj.embed(x_t, t), None
+        tokens = self.project(x_t)
+        if self.time_kind == "concat":
+            return self.time(tokens, t), None
+        return tokens, self.time(t)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``in_proj`` alone (no time): ``[B, H, ≤A]`` → ``[B, H, W]`` (ACoT embeds the clean coarse
+        trajectory with its EAR head's projection)."""
+        return self.proj.embed(x)
+
+    def embed_state(self, state: torch.Tensor) -> torch.Tensor:
+        """pi0's state token ``[B, 1, W]`` (the head needs ``state_dim``)."""
+        return self.proj.embed_state(state)
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert outputs ``[B, H, W]`` → velocities ``[B, H, A]``."""
+        return self.proj.decode(h)
+
+    @staticmethod
+    def training_pair(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target u = ε − x0)`` for clean ``x0`` at per-sample times ``t`` (``noise`` or fresh ε)."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        else:
+            noise = noise.to(x0)
+        return interpolate(x0, noise, t), velocity_target(x0, noise)
+
+    def loss(self, v: torch.Tensor, u: torch.Tensor, dim_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The recipe's flow loss (kind and reduction of ``flow``)."""
+        return self.flow.loss(v, u, dim_mask=dim_mask)
+
+    def sample(self, velocity_fn, noise: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler from ``noise`` (t = 1) to t = 0 along ``grid`` (default: the recipe's grid)."""
+        return euler_sample(velocity_fn, noise, self.flow.grid(noise.device) if grid is None else grid)

@@ -498,6 +498,31 @@ ACOT_FROM_PI05: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------------------------------- loading weights
+def _check_filters(target: Mapping[str, Any], **filters):
+    """Every ``only`` / ``exclude`` prefix must match at least one key of the target model (a typo such as
+    ``only=["lm.stak"]`` would otherwise load or skip nothing and report success)."""
+    import difflib
+    from .errors import LoadError
+    for name, prefixes in filters.items():
+        for p in prefixes or []:
+            if not isinstance(p, str) or not p:
+                raise LoadError(f"{name}={prefixes!r}: prefixes must be non-empty strings", name)
+            if not _matches_prefix_any(target, p):
+                heads = sorted({".".join(k.split(".")[:n]) for k in target for n in (1, 2, 3)})
+                close = difflib.get_close_matches(p, heads, n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise LoadError(f"{name}=[{p!r}] matches no key of the model{hint} (prefixes are dotted module paths, "
+                                f"e.g. {', '.join(repr(h) for h in heads[:3])})", name)
+    only, exclude = filters.get("only"), filters.get("exclude") or []
+    if (only or exclude) and not any((not only or _matches_prefix(k, only)) and not _matches_prefix(k, exclude)
+                                     for k in target):
+        raise LoadError(f"only={only} / exclude={exclude} leave no key of the model to load", "exclude" if exclude else "only")
+
+
+def _matches_prefix_any(keys: Iterable[str], prefix: str) -> bool:
+    return any(_matches_prefix(k, [prefix]) for k in keys)
+
+
 def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None,
                  key_map: Mapping[str, str] | Callable[[str], str | None] | None = None,
@@ -526,6 +551,7 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, only: Iterabl
     allow = [re.compile(p) for p in (allow_missing or [])]
     aliases = _alias_groups(model)
     target = model.state_dict(keep_vars=True)
+    _check_filters(target, only=only, exclude=exclude)
     report = LoadReport(source=str(ckpt.folder))
     plan: dict[str, str] = {}  # target -> source
     for t, tensor in target.items():
@@ -779,7 +805,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     sd = _state_dict_for_saving(model)
     config = encode(portable_config(model.config))
     config[VERSION_KEY] = __version__
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         save_torch_state_dict(sd, tmp, max_shard_size=max_shard_size,
                               metadata={"format": "pt", VERSION_KEY: __version__})
@@ -799,6 +826,40 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
             raise ValueError("push_to_hub=True needs repo_id='org/name'")
         push_to_hub(dest, repo_id, **push_kwargs)
     return dest
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: keep its folder
+    return True
+
+
+def remove_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` folders that an interrupted save of
+    ``dest`` left beside it, when the process that made them is gone (or the name carries no pid: folders of
+    an older version). Returns the removed paths. Called by :func:`save_pretrained` before each save."""
+    dest = Path(dest).expanduser().absolute()
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    pat = re.compile(rf"^\.{re.escape(dest.name)}\.(tmp|old)-(?:(\d+)-)?")
+    for p in dest.parent.iterdir():
+        m = pat.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = m.group(2)
+        if pid is not None and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        logger.info("removed %s, left by an interrupted save", p)
+    return removed
 
 
 def _is_ours(name: str) -> bool:

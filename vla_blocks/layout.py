@@ -216,6 +216,31 @@ class Layout:
         return Layout(self.experts, self.expert_id[sl], self.position_ids[sl], self.doc_id[sl], self.seg_id[sl],
                       self.seg_mode[sl], self.valid[sl], labels, self.doc_offsets)
 
+    def grow(self, n: int, label: str) -> "Layout":
+        """``n`` more tokens continuing every row's last segment (greedy decoding into a causal text segment):
+        the last token's expert, document and segment, positions after its position, labelled ``label``.
+
+        Equals rebuilding the layout with the last segment ``n`` tokens longer, without walking the
+        segments again: a few O(N) tensor copies, so a decoding step's bookkeeping does not grow with the
+        Python structure of the context."""
+        if n < 1:
+            raise ValueError(f"grow needs n >= 1 tokens, got {n}")
+        if self.seq_len == 0:
+            raise ValueError("cannot grow an empty layout")
+        last = (slice(None), slice(self.seq_len - 1, self.seq_len))
+        if not bool(self.valid[last].all()) or not bool((self.seg_mode[last] == MODES.index("causal")).all()):
+            raise ValueError("grow continues a causal segment: every row must end in a valid causal token")
+        B, N = self.batch_size, self.seq_len
+        step = torch.arange(1, n + 1, device=self.position_ids.device)
+        rep = lambda t: torch.cat([t, t[last].expand(B, n)], dim=1)  # noqa: E731
+        pos = torch.cat([self.position_ids, self.position_ids[last] + step], dim=1)
+        rows = torch.arange(B, device=self.expert_id.device)[:, None]
+        labels = {k: (idx // N) * (N + n) + idx % N for k, idx in self.label_index.items()}
+        new = (rows * (N + n) + N + step.to(rows.device) - 1).reshape(-1)
+        labels[label] = torch.cat([labels[label], new]) if label in labels else new
+        return Layout(self.experts, rep(self.expert_id), pos, rep(self.doc_id), rep(self.seg_id), rep(self.seg_mode),
+                      rep(self.valid), labels, self.doc_offsets)
+
     # ------------------------------------------------------------------ routing
     def expert_index(self, expert: str | int) -> torch.Tensor:
         """Flat indices (ascending) of the tokens routed to ``expert``."""
@@ -238,11 +263,14 @@ class Layout:
         except KeyError:
             raise KeyError(f"label {label!r} is not in this layout; labels: {sorted(self.label_index)}") from None
 
-    def assemble(self, embeds: dict[str, torch.Tensor], widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def assemble(self, embeds: dict[str, torch.Tensor], widths: dict[str, int] | None = None,
+                 partial: bool = False) -> dict[str, torch.Tensor]:
         """Route per-label embeddings ``{label: [n_label, D_e]}`` into per-expert hidden tensors.
 
         Returns ``{expert: [n_e, D_e]}`` ordered like :meth:`expert_indices`. Every token of an
-        active expert must be covered by exactly one label given here.
+        active expert must be covered by exactly one label given here; with ``partial=True`` only the
+        experts the labels touch are returned (and must be covered): per-expert side inputs such as the
+        adaRMS condition of one expert.
         """
         flat_e = self.expert_id.reshape(-1)
         idx_e = self.expert_indices()
@@ -266,6 +294,8 @@ class Layout:
             parts[e].append((slot[idx], x))
             covered[e] += idx.numel()
         for e, idx in idx_e.items():
+            if partial and not parts[e]:
+                continue
             if covered[e] != idx.numel():
                 raise ValueError(f"expert {e!r} has {idx.numel()} tokens but the embeddings cover {covered[e]}")
             first = parts[e][0][1]

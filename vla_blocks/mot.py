@@ -206,6 +206,44 @@ class Routing:
 
 # ---------------------------------------------------------------------------------------------- cache
 @dataclass
+class PassPlan:
+    """What a pass over ``layout`` from token ``start`` needs besides the hidden states: the pass's
+    sub-layout, routing indices, mask metadata and RoPE tables (per dtype, built on first use).
+
+    Built once per pass structure and reused by every pass of that structure — each Euler step of a flow
+    head reads the same plan (``MoTStack.forward(hidden, plan=plan, cache=…)``), so the per-step work is
+    the model's own compute. Example::
+
+        plan = stack.plan(layout, start=P)          # once
+        for t in grid:                              # per flow step
+            out = stack(hidden_at(t), plan=plan, cache=cache)
+    """
+
+    layout: Layout
+    start: int
+    sub: Layout
+    routing: Routing
+    meta: MaskMeta
+    head_dim: int
+    rope_theta: float
+    _rope: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, layout: Layout, start: int = 0, meta: MaskMeta | None = None, *, head_dim: int,
+              rope_theta: float) -> "PassPlan":
+        sub = layout.tokens(start) if start else layout
+        if meta is None:
+            meta = layout.mask_meta(slice(start, layout.seq_len), slice(0, layout.seq_len))
+        return cls(layout, start, sub, Routing.from_layout(sub), meta, head_dim, rope_theta)
+
+    def rope(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the pass's positions in ``dtype`` (computed once per dtype)."""
+        if dtype not in self._rope:
+            self._rope[dtype] = rope_cos_sin(self.routing.position_ids, self.head_dim, self.rope_theta, dtype)
+        return self._rope[dtype]
+
+
+@dataclass
 class PrefixCache:
     """Per-layer K (after k-norm and RoPE) and V of a prefix, ``[B, Hkv, P, d]`` each, plus its layout.
 
@@ -216,19 +254,44 @@ class PrefixCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     layout: Layout | None = None
+    _buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
     def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], layout: Layout | None = None) -> "PrefixCache":
+        """Extend every layer's K/V by the new tokens' (``[B, Hkv, n, d]``).
+
+        Without autograd (decoding) the new K/V are written into preallocated buffers whose capacity doubles
+        when full, so a decoding step copies only its own tokens; ``keys[i]`` / ``values[i]`` are views of
+        the filled part. With gradients the cache is concatenated (no in-place writes into the graph)."""
         if len(keys) != len(self.keys):
             raise ValueError(f"append got {len(keys)} layers for a cache of {len(self.keys)}")
-        self.keys = [torch.cat([a, b], dim=2) for a, b in zip(self.keys, keys)]
-        self.values = [torch.cat([a, b], dim=2) for a, b in zip(self.values, values)]
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*self.keys, *self.values, *keys, *values))
+        if grads:
+            self._buffers = None
+            self.keys = [torch.cat([a, b], dim=2) for a, b in zip(self.keys, keys)]
+            self.values = [torch.cat([a, b], dim=2) for a, b in zip(self.values, values)]
+        else:
+            P, n = self.length, keys[0].shape[2]
+            if self._buffers is None or self._buffers[0][0].shape[2] < P + n:
+                cap = max(2 * (P + n), 64)
+                self._buffers = [(self._grown(a, cap), self._grown(b, cap)) for a, b in zip(self.keys, self.values)]
+            for (kb, vb), k, v in zip(self._buffers, keys, values):
+                kb[:, :, P:P + n].copy_(k)
+                vb[:, :, P:P + n].copy_(v)
+            self.keys = [kb[:, :, :P + n] for kb, _ in self._buffers]
+            self.values = [vb[:, :, :P + n] for _, vb in self._buffers]
         if layout is not None:
             self.layout = layout
         return self
+
+    @staticmethod
+    def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
+        buf = t.new_empty(t.shape[:2] + (capacity,) + t.shape[3:])
+        buf[:, :, :t.shape[2]].copy_(t)
+        return buf
 
     def clone(self) -> "PrefixCache":
         return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.layout)
@@ -336,15 +399,28 @@ class MoTStack(nn.Module):
                 copy_sliced(layer.experts[e.init_from], layer.experts[name])
             copy_sliced(self.norms[e.init_from], self.norms[name])
 
-    def forward(self, hidden: dict[str, torch.Tensor], layout: Layout, *, start: int = 0,
+    def plan(self, layout: Layout, start: int = 0, meta: MaskMeta | None = None) -> PassPlan:
+        """The :class:`PassPlan` of a pass over ``layout`` from token ``start`` (reuse it across passes)."""
+        return PassPlan.build(layout, start, meta, head_dim=self.cfg.head_dim, rope_theta=self.cfg.rope_theta)
+
+    def forward(self, hidden: dict[str, torch.Tensor], layout: Layout | None = None, *, start: int = 0,
                 cache: PrefixCache | None = None, cond: dict[str, torch.Tensor] | None = None,
-                meta: MaskMeta | None = None, return_kv: bool = False) -> MoTOutput:
+                meta: MaskMeta | None = None, return_kv: bool = False, plan: PassPlan | None = None) -> MoTOutput:
+        """One pass: ``hidden {expert: [n_e, D_e]}`` of the tokens from ``start`` on (routing order of the
+        layout), shared attention masked by the layout, K/V of the cache before them. Give either ``layout``
+        (+ ``start`` / ``meta``) or a prebuilt ``plan``."""
+        if plan is None:
+            if layout is None:
+                raise ValueError("MoTStack.forward needs a layout or a plan")
+            plan = self.plan(layout, start, meta)
+        elif layout is not None and layout is not plan.layout or start and start != plan.start:
+            raise ValueError("give either a layout/start or a plan, not both")
+        start = plan.start
         if cache is not None and cache.length != start:
             raise ValueError(f"suffix pass starts at token {start} but the cache holds {cache.length} tokens")
         if start and cache is None:
             raise ValueError("a pass starting after token 0 needs the prefix cache")
-        sub = layout.tokens(start) if start else layout
-        routing = Routing.from_layout(sub)
+        routing, meta = plan.routing, plan.meta
         unknown = set(hidden) - set(routing.index)
         missing = set(routing.index) - set(hidden)
         if unknown or missing:
@@ -354,10 +430,8 @@ class MoTStack(nn.Module):
         for e, x in hidden.items():
             if x.shape[0] != routing.index[e].numel():
                 raise ValueError(f"expert {e!r}: {x.shape[0]} hidden rows for {routing.index[e].numel()} tokens")
-        if meta is None:
-            meta = layout.mask_meta(slice(start, layout.seq_len), slice(0, layout.seq_len))
         dtype = next(iter(hidden.values())).dtype
-        cos, sin = rope_cos_sin(routing.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        cos, sin = plan.rope(dtype)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             prefix = (cache.keys[i], cache.values[i]) if cache is not None else None
@@ -388,4 +462,4 @@ def copy_sliced(src: nn.Module, dst: nn.Module):
 
 
 __all__ = ["ExpertConfig", "MoTConfig", "RMSNorm", "AdaRMSNorm", "GatedFFN", "rope_cos_sin", "apply_rope", "Routing",
-           "PrefixCache", "MoTOutput", "ExpertBlock", "MoTLayer", "MoTStack", "copy_sliced"]
+           "PassPlan", "PrefixCache", "MoTOutput", "ExpertBlock", "MoTLayer", "MoTStack", "copy_sliced"]

@@ -31,6 +31,7 @@ from torch import nn
 
 from .backbones import ExpertSpec
 from .config import ComponentConfig, register
+from .flow import FlowMatching
 
 __all__ = ["EARConfig", "coarse_reference", "reference_chunk_length", "IARConfig", "DownsampleIAR",
            "LearnableQueryIAR", "AttentionPoolingIAR", "DownsampleExtractor", "LearnableQueryExtractor",
@@ -47,6 +48,8 @@ class EARConfig:
       (LIBERO: 15 steps, stride 2 → frames 0, 2, …, 28 of a 30-frame chunk).
     - ``num_steps``: Euler steps of the coarse sampler (None: the model's flow setting, 10).
     - ``loss_weight``: weight of the EAR flow loss (upstream: 1, equal to the action loss).
+    - ``flow``: the coarse head's flow recipe (loss kind, reduction, grid; None: the model's ``flow``).
+      The flow time is drawn once per sample and shared with the action head, as upstream.
     """
 
     expert: ExpertSpec = field(default_factory=lambda: ExpertSpec(init_from=None))
@@ -54,6 +57,7 @@ class EARConfig:
     stride: int = 2
     num_steps: int | None = None
     loss_weight: float = 1.0
+    flow: FlowMatching | None = None
 
     def __post_init__(self):
         if self.horizon < 1 or self.stride < 1:
@@ -197,18 +201,33 @@ class _GroupedExtractor(nn.Module):
         if key_mask is not None and tuple(key_mask.shape) != (K.shape[0], K.shape[2]):
             raise ValueError(f"key_mask must be [B, T] = {(K.shape[0], K.shape[2])}, got {tuple(key_mask.shape)}")
 
+    def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The projected queries ``[B or 1, L, Q, inner]`` of every layer."""
+        raise NotImplementedError
+
+    def attention_weights(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax weights ``[B, L, heads, Q, T]`` (fp32) of every layer's queries over the T prefix
+        positions: what :meth:`forward` pools V with (traces read them, see :mod:`vla_blocks.trace`)."""
+        self._check(K, K, key_mask)
+        return self._weights(self.queries(K, key_mask), K, key_mask)
+
+    def _weights(self, q: torch.Tensor, K: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, T, _ = K.shape
+        h, hd = self.num_heads, self.head_dim
+        k = self._project(K, self.k_proj).view(B, L, T, h, hd)
+        q = q.view(q.shape[0], L, -1, h, hd).expand(B, -1, -1, -1, -1)
+        logits = torch.einsum("blqhd,blthd->blhqt", q, k).float() / math.sqrt(hd)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask.bool()[:, None, None, None, :], torch.finfo(logits.dtype).min)
+        return logits.softmax(-1)
+
     def _attend(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """``q [B or 1, L, Q, inner]`` against the projected K/V of every layer → pooled ``[B, L, inner]``
         (softmax over T in fp32; queries averaged as upstream)."""
         B, L, T, _ = K.shape
         h, hd = self.num_heads, self.head_dim
-        k = self._project(K, self.k_proj).view(B, L, T, h, hd)
         v = self._project(V, self.v_proj).view(B, L, T, h, hd)
-        q = q.view(q.shape[0], L, -1, h, hd).expand(B, -1, -1, -1, -1)
-        logits = torch.einsum("blqhd,blthd->blhqt", q, k).float() / math.sqrt(hd)
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask.bool()[:, None, None, None, :], torch.finfo(logits.dtype).min)
-        attn = logits.softmax(-1).to(v.dtype)
+        attn = self._weights(q, K, key_mask).to(v.dtype)
         pooled = torch.einsum("blhqt,blthd->blqhd", attn, v).mean(2)  # [B, L, h, hd]
         if not self.head_major_output:
             pooled = pooled.transpose(-1, -2)  # upstream flattens (B, H, Hd) as (Hd, H): channel d·H + h
@@ -232,11 +251,13 @@ class DownsampleExtractor(_GroupedExtractor):
         self.num_queries = num_queries
         self.query_params = nn.ParameterList(nn.Parameter(torch.randn(num_queries, dim)) for _ in range(depth))
 
+    def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        queries = torch.stack(list(self.query_params)).to(K.dtype)  # [L, Q, dim]
+        return self._project(queries, self.q_proj)[None]  # [1, L, Q, inner]
+
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(K, V, key_mask)
-        queries = torch.stack(list(self.query_params)).to(K.dtype)  # [L, Q, dim]
-        q = self._project(queries, self.q_proj)[None]  # [1, L, Q, inner]
-        return self._output(self._attend(q, K, V, key_mask))
+        return self._output(self._attend(self.queries(K), K, V, key_mask))
 
 
 class LearnableQueryExtractor(_GroupedExtractor):
@@ -248,11 +269,13 @@ class LearnableQueryExtractor(_GroupedExtractor):
         self.num_queries = num_queries
         self.query_params = nn.ParameterList(nn.Parameter(torch.randn(num_queries, dim)) for _ in range(depth))
 
+    def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        queries = torch.stack(list(self.query_params)).to(K.dtype)
+        return self._project(queries, self.q_proj)[None]
+
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(K, V, key_mask)
-        queries = torch.stack(list(self.query_params)).to(K.dtype)
-        q = self._project(queries, self.q_proj)[None]
-        return self._output(self._attend(q, K, V, key_mask))
+        return self._output(self._attend(self.queries(K), K, V, key_mask))
 
 
 class AttentionPoolingExtractor(_GroupedExtractor):
@@ -264,15 +287,17 @@ class AttentionPoolingExtractor(_GroupedExtractor):
                  group_size: int = 3):
         super().__init__(dim, num_heads * head_dim, output_dim, depth, group_size, num_heads)
 
-    def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(K, V, key_mask)
+    def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if key_mask is None:
             mean_k = K.mean(2, keepdim=True)
         else:
             m = key_mask.to(K.dtype)[:, None, :, None]
             mean_k = (K * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp_min(1.0)
-        q = self._project(mean_k, self.q_proj)  # [B, L, 1, inner]
-        return self._output(self._attend(q, K, V, key_mask))
+        return self._project(mean_k, self.q_proj)  # [B, L, 1, inner]
+
+    def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(K, V, key_mask)
+        return self._output(self._attend(self.queries(K, key_mask), K, V, key_mask))
 
 
 # ---------------------------------------------------------------------------------------------- AGP

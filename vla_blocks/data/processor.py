@@ -12,7 +12,7 @@ so training, evaluation and serving use the same object::
 
 What each policy gets (the models normalise state/actions themselves with ``model.normalizer``; raw values go in):
 
-- **pi0 / pi0.5 / ACoT** (``Pi0Config`` / ``ACoTConfig``): ``images`` [B, n_cam, 3, S, S] in [−1, 1] (camera
+- **pi0 / pi0.5 / ACoT** (``Pi0Config`` / ``ACoTConfig``): ``images`` [B, n_cam, 3, S, S] in [0, 1] (camera
   slots filled from ``cameras`` in order, resize-with-pad by :func:`vla_blocks.encoders.preprocess_images`;
   a slot without a camera is black and masked), ``image_masks``, ``tokenized_prompt`` / ``_mask`` (BOS + the
   prompt of :func:`vla_blocks.models.pi0.pi05_prompt`: pi0.5 with ``discrete_state`` puts the state, normalised
@@ -291,11 +291,11 @@ class PolicyProcessor:
         for slot in range(c.num_cameras):
             key = c.cameras[slot] if slot < len(c.cameras) else None
             if key is None:
-                images.append(torch.full((B, 3, S, S), -1.0))
+                images.append(torch.zeros(B, 3, S, S))  # black in [0, 1]
                 masks.append(torch.zeros(B, dtype=torch.bool))
                 continue
             x = self._augment(self._camera(batch, key), key)
-            images.append(preprocess_images(x, size=S, float_range="unit"))
+            images.append(preprocess_images(x, size=S, float_range="unit", out_range="unit"))
             masks.append(torch.ones(B, dtype=torch.bool))
         out = {"images": torch.stack(images, 1), "image_masks": torch.stack(masks, 1)}
         state = None
@@ -377,7 +377,7 @@ class PolicyProcessor:
         is_np = isinstance(actions, np.ndarray)
         a = torch.as_tensor(actions)
         if self.config.policy == "halo":
-            a = self.normalizer.unnormalize("actions", a.float())
+            a = self.normalizer.unnormalize("actions", a.float(), padded=True)  # HALO pads to action_dim
         if self.config.real_action_dim is not None:
             a = a[..., :self.config.real_action_dim]
         return a.numpy() if is_np else a

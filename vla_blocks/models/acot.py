@@ -49,12 +49,13 @@ import torch
 from torch import nn
 
 from ..backbones import ExpertSpec
+from ..batch import BatchSchema, Field
 from ..components import ModelConfig
 from ..config import register
-from ..flow import euler_sample, flow_loss
+from ..heads import FlowHead
 from ..reasoners import (DownsampleIAR, EARConfig, FusionMLP, IARConfig, UnifiedAttentionModule, coarse_reference,
                          reference_chunk_length, stack_prefix_kv)
-from .pi0 import ACT, VLM, Pi0ConfigFields, Pi0Model, Prefix, Suffix
+from .pi0 import ACT, VLM, Pi0ConfigFields, Pi0Model, Prefix, openpi_head_names
 
 __all__ = ["ACoTConfig", "ACoTVLA", "EAR"]
 
@@ -97,6 +98,13 @@ class ACoTVLA(Pi0Model):
     ``action_reasoning_fusion``; experts ``vlm``/``ear``/``act`` = upstream suffixes ``""``/``_1``/``_2``)."""
 
     config: ACoTConfig
+    batch_schema = BatchSchema("acot", [*Pi0Model.batch_schema.fields.values(),
+                                        Field("coarse_actions", ("B", "E", "<=A"), modes=("train",), optional=True),
+                                        Field("coarse_noise", ("B", "E", "A"), modes=("train",), optional=True)])
+
+    def batch_dims(self) -> dict:
+        ear = self.config.ear
+        return {**super().batch_dims(), **({"E": ear.horizon} if ear is not None else {})}
 
     def __init__(self, config: ACoTConfig):
         super().__init__(config)
@@ -108,14 +116,10 @@ class ACoTVLA(Pi0Model):
             if not c.pi05 and We != W:
                 raise ValueError(f"pi0 mode feeds state_proj's token to the EAR expert: its width ({We}) must equal "
                                  f"the action expert's ({W})")
-            self.coarse_action_in_proj = nn.Linear(A, We)
-            self.coarse_action_out_proj = nn.Linear(We, A)
-            if c.pi05:
-                self.coarse_time_mlp_in = nn.Linear(We, We)
-                self.coarse_time_mlp_out = nn.Linear(We, We)
-            else:
-                self.coarse_action_time_mlp_in = nn.Linear(2 * We, We)
-                self.coarse_action_time_mlp_out = nn.Linear(We, We)
+            # the EAR coarse head: a second instance of the action head's class, its own flow recipe
+            self.add_flow_head("coarse_actions", EAR, FlowHead(A, We, time=self.time_conditioning,
+                                                               flow=c.ear.flow or c.flow),
+                               openpi_head_names("coarse_", state=False))
             self.explicit_action_reasoner = UnifiedAttentionModule(W, We, W, hidden_dim=W, num_heads=heads)
         if c.iar is not None:
             mot = self.stack.cfg
@@ -144,16 +148,6 @@ class ACoTVLA(Pi0Model):
         mask = prefix.valid if self.config.iar.mask_padding else None
         return self.implicit_action_reasoner(K, V, mask)
 
-    def ear_suffix(self, x_t: torch.Tensor, t: torch.Tensor, state_tok: torch.Tensor | None = None) -> Suffix:
-        """The EAR chunk's suffix inputs: ``coarse_action_in_proj(x_t)`` with adaRMS cond (pi0.5) or the
-        concat-MLP time fusion and the state token (pi0)."""
-        tokens = self.coarse_action_in_proj(x_t.to(self.coarse_action_in_proj.weight.dtype))
-        if self.config.pi05:
-            cond = self.adarms_cond(t, self.coarse_time_mlp_in, self.coarse_time_mlp_out)
-            return Suffix(EAR, "coarse_actions", tokens, cond=cond)
-        tokens = self.concat_time(tokens, t, self.coarse_action_time_mlp_in, self.coarse_action_time_mlp_out)
-        return Suffix(EAR, "coarse_actions", tokens, state=state_tok)
-
     def guide(self, a: torch.Tensor, coarse: torch.Tensor | None, z_im: torch.Tensor | None) -> torch.Tensor:
         """AGP: action tokens ``a [B, H, W]`` conditioned on the clean coarse trajectory ``[B, Hc, A]`` (model
         space) and on Z_im; the result replaces ``a`` (no residual)."""
@@ -161,7 +155,7 @@ class ACoTVLA(Pi0Model):
         if c.ear is None and c.iar is None:
             return a
         if c.ear is not None:
-            z_ex = self.coarse_action_in_proj(coarse.to(self.coarse_action_in_proj.weight.dtype))
+            z_ex = self.flow_heads["coarse_actions"].project(coarse)
             s_ex = self.explicit_action_reasoner(a, z_ex)
         if c.iar is not None:
             s_im = self.implicit_action_reasoner_interact(a, z_im.to(a.dtype))
@@ -173,9 +167,11 @@ class ACoTVLA(Pi0Model):
         s = s_ex if c.ear is not None else s_im
         return self.action_reasoning_fusion(torch.cat([a, s], dim=-1))
 
-    def guided_action_suffix(self, x_t: torch.Tensor, t: torch.Tensor, coarse: torch.Tensor | None,
-                             z_im: torch.Tensor | None, state_tok: torch.Tensor | None = None) -> Suffix:
-        return self.action_suffix(x_t, t, state_tok, tokens=self.guide(self.action_tokens(x_t, t), coarse, z_im))
+    def agp(self, coarse: torch.Tensor | None, z_im: torch.Tensor | None):
+        """The action head's token rewrite for :meth:`head_suffix` (``guide``): AGP with these contexts."""
+        if self.config.ear is None and self.config.iar is None:
+            return None
+        return lambda tokens: self.guide(tokens, coarse, z_im)
 
     # -- targets -----------------------------------------------------------------------------------
     def coarse_key(self) -> str:
@@ -197,37 +193,34 @@ class ACoTVLA(Pi0Model):
     def forward(self, batch: dict):
         """One prefix pass, one suffix pass (EAR + action chunks) → ``(loss, metrics)``."""
         c = self.config
+        heads = self.flow_heads
         actions = self.target_actions(batch)
-        B = actions.shape[0]
-        t = self.sample_time(batch, B)  # ONE time sample shared by both heads
-        x_t, u = self.flow_sample(actions, batch, "noise", t)
+        t = self.sample_time(batch, actions.shape[0])  # ONE time sample shared by both heads
+        x_t, u = heads["actions"].training_pair(actions, t, batch.get("noise"))
         prefix = self.embed_prefix(batch)
         out, cache = self.run_prefix(prefix)
         z_im = self.implicit_tokens(prefix, out.keys, out.values)
-        state_tok = None if c.pi05 else self.state_token(self.normalizer.normalize("state", batch["state"]))
-        suffixes = []
+        state_tok = self.state_token(batch)
+        suffixes, targets = [], {"actions": u}
         coarse = None
         if c.ear is not None:
             coarse = self.target_coarse(batch)
-            x_ref, u_ref = self.flow_sample(coarse, batch, "coarse_noise", t)
-            suffixes.append(self.ear_suffix(x_ref, t, state_tok))
+            x_ref, targets["coarse_actions"] = heads["coarse_actions"].training_pair(coarse, t, batch.get("coarse_noise"))
+            suffixes.append(self.head_suffix("coarse_actions", x_ref, t, state_tok))
         # teacher forcing: the action head is conditioned on the ground-truth coarse trajectory
-        suffixes.append(self.guided_action_suffix(x_t, t, coarse, z_im, state_tok))
+        suffixes.append(self.head_suffix("actions", x_t, t, state_tok, self.agp(coarse, z_im)))
         if c.pi05:
             hidden = self.run_suffixes(prefix, cache, suffixes)
         else:  # each suffix has its own state token: one cache-reading pass per suffix
             hidden = {}
             for s in suffixes:
                 hidden.update(self.run_suffixes(prefix, cache, [s]))
-        fm = c.flow
-        loss_act = flow_loss(self.action_out_proj(hidden["actions"]), u, fm.loss_kind, reduction=fm.reduction)
-        metrics = {"loss_action": loss_act.detach()}
-        loss = loss_act
+        losses = {k: heads[k].loss(heads[k].decode(hidden[k]), targets[k]) for k in targets}
+        metrics = {"loss_action": losses["actions"].detach()}
+        loss = losses["actions"]
         if c.ear is not None:
-            v_ref = self.coarse_action_out_proj(hidden["coarse_actions"])
-            loss_ear = flow_loss(v_ref, u_ref, fm.loss_kind, reduction=fm.reduction)
-            loss = c.ear.loss_weight * loss_ear + loss_act
-            metrics["loss_ear"] = loss_ear.detach()
+            loss = c.ear.loss_weight * losses["coarse_actions"] + loss
+            metrics["loss_ear"] = losses["coarse_actions"].detach()
         return loss, metrics
 
     # -- inference ---------------------------------------------------------------------------------
@@ -242,29 +235,22 @@ class ACoTVLA(Pi0Model):
         out, cache = self.run_prefix(prefix)
         B, A = prefix.tokens.shape[0], c.action_dim
         z_im = self.implicit_tokens(prefix, out.keys, out.values)
-        state_tok = None if c.pi05 else self.state_token(self.normalizer.normalize("state", batch["state"]))
+        state_tok = self.state_token(batch)
         result = {}
         coarse = None
         if c.ear is not None:
             Hc = c.ear.horizon
-            x = self._noise((B, Hc, A), coarse_noise, generator)
             plan = self.plan_suffixes(prefix, [(EAR, "coarse_actions", Hc, not c.pi05)])
-
-            def ear_velocity(x, t):
-                s = self.ear_suffix(x, t.expand(B), state_tok)
-                return self.coarse_action_out_proj(self.run_suffixes(prefix, cache, [s], plan)["coarse_actions"])
-
-            coarse = euler_sample(ear_velocity, x, self.grid(ear_num_steps or c.ear.num_steps))
+            velocity = self.head_velocity("coarse_actions", prefix, cache, plan, state_tok)
+            coarse = self.flow_heads["coarse_actions"].sample(
+                velocity, self._noise((B, Hc, A), coarse_noise, generator),
+                self.grid(ear_num_steps or c.ear.num_steps, "coarse_actions"))
             result["coarse_actions"] = coarse
         H = c.action_horizon
-        x = self._noise((B, H, A), noise, generator)
         plan = self.plan_suffixes(prefix, [(ACT, "actions", H, not c.pi05)])
-
-        def velocity(x, t):
-            s = self.guided_action_suffix(x, t.expand(B), coarse, z_im, state_tok)
-            return self.action_out_proj(self.run_suffixes(prefix, cache, [s], plan)["actions"])
-
-        result["actions"] = euler_sample(velocity, x, self.grid(num_steps))
+        velocity = self.head_velocity("actions", prefix, cache, plan, state_tok, self.agp(coarse, z_im))
+        result["actions"] = self.flow_heads["actions"].sample(velocity, self._noise((B, H, A), noise, generator),
+                                                              self.grid(num_steps))
         return result
 
     def _output(self, key: str, x: torch.Tensor) -> torch.Tensor:

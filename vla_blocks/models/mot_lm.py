@@ -39,14 +39,15 @@ class MoTLMConfig(ModelConfig):
 
 def next_token_pairs(layout: Layout, label: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
     """(positions in the label's token list whose next token is the target, target positions):
-    consecutive valid tokens of the same causal segment."""
+    consecutive valid tokens of the same causal segment of the same row (segment ids restart per row)."""
     idx = layout.index(label)
     if idx.numel() < 2:
         e = idx.new_zeros(0)
         return e, e
     seg = layout.seg_id.reshape(-1)[idx]
     valid = layout.valid.reshape(-1)[idx]
-    ok = (idx[1:] == idx[:-1] + 1) & (seg[1:] == seg[:-1]) & valid[1:] & valid[:-1]
+    row = idx // layout.seq_len
+    ok = (idx[1:] == idx[:-1] + 1) & (row[1:] == row[:-1]) & (seg[1:] == seg[:-1]) & valid[1:] & valid[:-1]
     src = torch.nonzero(ok).squeeze(-1)
     return src, src + 1
 

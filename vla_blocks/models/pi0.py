@@ -18,8 +18,9 @@ gradients). Inference runs the prefix once and each of the 10 Euler steps as a s
 
 Batch keys (model space is after :class:`~vla_blocks.normalize.Normalizer`; raw values go in):
 
-- ``images`` float [B, n_cam, 3, S, S] in [−1, 1] (uint8 [B, n_cam, S', S', 3] is resized-with-pad),
-  ``image_masks`` bool [B, n_cam] (False: a missing camera, its tokens are invalid);
+- ``images`` float [B, n_cam, 3, S, S] in [0, 1] (mapped to [−1, 1] by ``_pixels``) or uint8
+  [B, n_cam, S', S', 3] in [0, 255] (resized-with-pad), ``image_masks`` bool [B, n_cam] (False: a missing
+  camera, its tokens are invalid and its pixels zeroed); the full contract is ``Pi0Model.batch_schema``;
 - ``tokenized_prompt`` long [B, L] and ``tokenized_prompt_mask`` bool [B, L] (L = max_token_len; pi0.5's
   discretised state, when used, is part of the prompt text, see :func:`pi05_prompt`; tokenisation is the
   data pipeline's job);
@@ -41,21 +42,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..attention import MaskMeta
 from ..backbones import BackboneConfig, ExpertSpec, build_language_model
-from ..conditioning import posemb_sincos
+from ..batch import IMAGE_DTYPES, BatchSchema, Field
 from ..config import register
 from ..encoders import Connector, VisionConfig, preprocess_images
-from ..flow import FlowMatching, flow_loss, interpolate, time_grid, euler_sample, velocity_target
+from ..flow import FlowMatching, time_grid
+from ..heads import FlowHead
 from ..layout import Layout, Part, Segment
 from ..model import VLAModel
-from ..mot import MoTOutput, PrefixCache
+from ..mot import MoTOutput, PassPlan, PrefixCache
 from ..normalize import Normalizer
 
-__all__ = ["Pi0Config", "Pi0ConfigFields", "Pi0Model", "Prefix", "Suffix", "SuffixPlan", "prefix_segment",
+__all__ = ["Pi0Config", "Pi0ConfigFields", "Pi0Model", "Prefix", "Suffix", "prefix_segment", "openpi_head_names",
            "suffix_segments", "policy_layout", "discretize_state", "pi05_prompt"]
 
 VLM, ACT = "vlm", "act"
@@ -203,23 +202,44 @@ class Suffix:
         return self.expert, self.label, self.tokens.shape[1], self.state is not None
 
 
-@dataclass
-class SuffixPlan:
-    """A suffix layout built once and reused by every Euler step: full layout, suffix sub-layout, mask meta."""
-
-    layout: Layout
-    sub: Layout
-    meta: MaskMeta
-    start: int
-
-
 # ---------------------------------------------------------------------------------------------- model
+def openpi_head_names(prefix: str = "", state: bool = True) -> dict[str, str]:
+    """Upstream (openpi / lerobot / ACoT) names of a :class:`~vla_blocks.heads.FlowHead`'s modules:
+    ``action_in_proj``, ``action_out_proj``, ``state_proj``, pi0's ``action_time_mlp_in/out``, pi0.5's
+    ``time_mlp_in/out``; ``prefix="coarse_"`` gives ACoT's EAR head names."""
+    names = {"proj.in_proj": f"{prefix}action_in_proj", "proj.out_proj": f"{prefix}action_out_proj",
+             "time.time_mlp_in": f"{prefix}time_mlp_in", "time.time_mlp_out": f"{prefix}time_mlp_out",
+             "time.action_time_mlp_in": f"{prefix}action_time_mlp_in",
+             "time.action_time_mlp_out": f"{prefix}action_time_mlp_out"}
+    if state:
+        names["proj.state_proj"] = f"{prefix}state_proj"
+    return names
+
+
 class Pi0Model(VLAModel):
-    """pi0 / pi0.5 policy. Module names follow openpi/lerobot (``action_in_proj``, ``action_out_proj``,
+    """pi0 / pi0.5 policy: a prefix (vision tower + projector, prompt embedding) and flow heads
+    (:class:`~vla_blocks.heads.FlowHead`, one per suffix chunk: ``flow_heads["actions"]`` here, ACoT adds
+    ``"coarse_actions"``). Module names follow openpi/lerobot (``action_in_proj``, ``action_out_proj``,
     ``state_proj``, ``action_time_mlp_in/out``, ``time_mlp_in/out``, ``vision_tower``,
-    ``multi_modal_projector``; the LLM and experts are in ``language_model``)."""
+    ``multi_modal_projector``; the LLM and experts are in ``language_model``): the heads' modules are
+    registered under those names (:meth:`~vla_blocks.model.VLAModel.expose`)."""
 
     config: "Pi0Config"
+    batch_schema = BatchSchema("pi0", [  # checked at every entry point (vla_blocks.batch)
+        Field("images", ("B", "n_cam", "*", "*", "*"), IMAGE_DTYPES, kind="image", mask="image_masks",
+              doc="float → 2x − 1 in _pixels"),
+        Field("image_masks", ("B", "n_cam"), ("bool",), optional=True),
+        Field("tokenized_prompt", ("B", "L"), ("int",), range=(0, "max_id"), mask="tokenized_prompt_mask"),
+        Field("tokenized_prompt_mask", ("B", "L"), ("bool",), optional=True),
+        Field("state", ("B", "<=state_dim"), required_if="state_token"),
+        Field("actions", ("B", ">=H", "<=A"), modes=("train",)),
+        Field("noise", ("B", "H", "A"), modes=("train",), optional=True),
+        Field("time", ("B",), range=(0.0, 1.0), modes=("train",), optional=True)])
+
+    def batch_dims(self) -> dict:
+        c = self.config
+        return {"H": c.action_horizon, "A": c.action_dim, "state_dim": c.state_dim or c.action_dim,
+                "max_id": self.language_model.embed_tokens.num_embeddings - 1, "state_token": not c.pi05}
 
     def __init__(self, config: "Pi0Config"):
         super().__init__(config)
@@ -231,21 +251,26 @@ class Pi0Model(VLAModel):
         self.experts = list(specs)
         D = self.width(VLM)
         self.multi_modal_projector = Connector(self.vision_tower.out_dim, D, kind="linear")
-        W, A = self.width(ACT), config.action_dim
-        self.action_in_proj = nn.Linear(A, W)
-        self.action_out_proj = nn.Linear(W, A)
-        if config.pi05:
-            self.time_mlp_in = nn.Linear(W, W)
-            self.time_mlp_out = nn.Linear(W, W)
-        else:
-            self.state_proj = nn.Linear(config.state_dim or A, W)
-            self.action_time_mlp_in = nn.Linear(2 * W, W)
-            self.action_time_mlp_out = nn.Linear(W, W)
+        A = config.action_dim
+        self.add_flow_head("actions", ACT, FlowHead(
+            A, self.width(ACT), time=self.time_conditioning, flow=config.flow,
+            state_dim=None if config.pi05 else (config.state_dim or A)), openpi_head_names())
         self.normalizer = Normalizer(config.normalization)
         if config.freeze_vlm:
             self.freeze_expert(VLM, embeddings=True)
 
     # -- structure --------------------------------------------------------------------------------
+    @property
+    def time_conditioning(self) -> str:
+        """``adarms`` (pi0.5) or ``concat`` (pi0): how every flow head of this model sees the time."""
+        return "adarms" if self.config.pi05 else "concat"
+
+    def add_flow_head(self, label: str, expert: str, head: FlowHead, names: dict[str, str]) -> FlowHead:
+        """Attach a flow head producing ``label`` on ``expert`` (its modules registered under ``names``)."""
+        head.label, head.expert = label, expert
+        self.flow_heads[label] = self.expose(head, names)
+        return head
+
     def _backbone_width(self) -> int:
         return self.config.backbone.spec().expert.hidden_size
 
@@ -274,11 +299,11 @@ class Pi0Model(VLAModel):
 
     @property
     def device(self) -> torch.device:
-        return self.action_in_proj.weight.device
+        return self.multi_modal_projector.parameters().__next__().device
 
     # -- inputs ------------------------------------------------------------------------------------
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, n_cam, 3, S, S]`` in [−1, 1] (or uint8 ``[B, n_cam, H, W, 3]``) → ``[B·n_cam, 3, S, S]``."""
+        """``[B, n_cam, 3, S, S]`` in [0, 1] (or uint8 ``[B, n_cam, H, W, 3]``) → ``[B·n_cam, 3, S, S]`` in [−1, 1]."""
         if isinstance(images, dict):
             images = torch.stack(list(images.values()), dim=1)
         if images.ndim != 5:
@@ -286,7 +311,9 @@ class Pi0Model(VLAModel):
         flat = images.flatten(0, 1)
         S = self.vision_tower.image_size
         if flat.dtype == torch.uint8 or tuple(flat.shape[-2:]) != (S, S):
-            flat = preprocess_images(flat, size=S, float_range="signed")
+            flat = preprocess_images(flat, size=S, float_range="unit")
+        else:
+            flat = flat * 2.0 - 1.0  # float [0, 1] (checked by batch_schema) -> [-1, 1]
         return flat.to(self.device)
 
     def embed_prefix(self, batch: dict) -> Prefix:
@@ -313,51 +340,27 @@ class Pi0Model(VLAModel):
         return policy_layout(prefix.image_valid, prefix.tokens_per_image, prefix.text_valid, [], self.experts
                              ).to(self.device)
 
-    def state_token(self, state: torch.Tensor) -> torch.Tensor:
-        """pi0: ``state_proj(state padded to state_dim)`` → ``[B, 1, W]``."""
-        sd = self.state_proj.in_features
-        if state.shape[-1] > sd:
-            raise ValueError(f"state has {state.shape[-1]} dims, more than state_dim={sd}")
-        state = F.pad(state.to(self.device, self.state_proj.weight.dtype), (0, sd - state.shape[-1]))
-        return self.state_proj(state)[:, None, :]
+    def state_token(self, batch: dict) -> torch.Tensor | None:
+        """pi0: the normalised state through the action head's ``state_proj`` → ``[B, 1, W]``; None in
+        pi0.5 (the state is in the prompt)."""
+        if self.config.pi05:
+            return None
+        state = self.normalizer.normalize("state", batch["state"])
+        return self.flow_heads["actions"].embed_state(state.to(self.device))
 
     def pad_actions(self, x: torch.Tensor) -> torch.Tensor:
-        A = self.config.action_dim
-        if x.shape[-1] > A:
-            raise ValueError(f"actions have {x.shape[-1]} dims, more than action_dim={A}")
-        return F.pad(x.to(self.device, torch.float32), (0, A - x.shape[-1]))
+        return self.flow_heads["actions"].proj.pad(x.to(self.device, torch.float32))
 
-    # -- time conditioning -------------------------------------------------------------------------
-    @staticmethod
-    def time_embedding(t: torch.Tensor, width: int, like: torch.Tensor) -> torch.Tensor:
-        return posemb_sincos(t.to(like.device), width, 4e-3, 4.0).to(like.dtype)
-
-    def adarms_cond(self, t: torch.Tensor, mlp_in: nn.Linear, mlp_out: nn.Linear) -> torch.Tensor:
-        """pi0.5: ``swish(mlp_out(swish(mlp_in(posemb(t)))))`` → ``[B, W]``."""
-        temb = self.time_embedding(t, mlp_in.in_features, mlp_in.weight)
-        return F.silu(mlp_out(F.silu(mlp_in(temb))))
-
-    def concat_time(self, tokens: torch.Tensor, t: torch.Tensor, mlp_in: nn.Linear, mlp_out: nn.Linear) -> torch.Tensor:
-        """pi0: ``mlp_out(swish(mlp_in([tokens ‖ posemb(t)])))`` → ``[B, H, W]``."""
-        temb = self.time_embedding(t, tokens.shape[-1], tokens)[:, None, :].expand_as(tokens)
-        return mlp_out(F.silu(mlp_in(torch.cat([tokens, temb], dim=-1))))
-
-    def action_suffix(self, x_t: torch.Tensor, t: torch.Tensor, state_tok: torch.Tensor | None = None,
-                      tokens: torch.Tensor | None = None) -> Suffix:
-        """The action chunk's suffix inputs at time ``t [B]`` (``tokens`` replaces the chunk tokens, e.g. after
-        ACoT's guidance; it must already hold pi0's time fusion)."""
-        if tokens is None:
-            tokens = self.action_tokens(x_t, t)
-        if self.config.pi05:
-            return Suffix(ACT, "actions", tokens, cond=self.adarms_cond(t, self.time_mlp_in, self.time_mlp_out))
-        return Suffix(ACT, "actions", tokens, state=state_tok)
-
-    def action_tokens(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``action_in_proj(x_t)`` (pi0.5) or its fusion with the time embedding (pi0) → ``[B, H, W]``."""
-        a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
-        if self.config.pi05:
-            return a
-        return self.concat_time(a, t, self.action_time_mlp_in, self.action_time_mlp_out)
+    def head_suffix(self, label: str, x_t: torch.Tensor, t: torch.Tensor, state_tok: torch.Tensor | None = None,
+                    guide=None) -> Suffix:
+        """The suffix inputs of head ``label`` at time ``t [B]``: its tokens, adaRMS cond and pi0's state token.
+        ``guide(tokens)`` replaces the embedded tokens (ACoT's AGP guidance; in pi0 mode it sees the tokens
+        after the concat-MLP time fusion, as upstream)."""
+        head = self.flow_heads[label]
+        tokens, cond = head.embed(x_t, t)
+        if guide is not None:
+            tokens = guide(tokens)
+        return Suffix(head.expert, label, tokens, cond=cond, state=state_tok)
 
     # -- passes ------------------------------------------------------------------------------------
     def run_prefix(self, prefix: Prefix) -> tuple[MoTOutput, PrefixCache]:
@@ -369,16 +372,16 @@ class Pi0Model(VLAModel):
         out = self.stack(hidden, layout, return_kv=True)
         return out, out.cache(layout)
 
-    def plan_suffixes(self, prefix: Prefix, specs: list[tuple[str, str, int, bool]]) -> SuffixPlan:
-        """Layout, sub-layout and mask metadata of a suffix pass over ``specs`` (see :func:`policy_layout`)."""
+    def plan_suffixes(self, prefix: Prefix, specs: list[tuple[str, str, int, bool]]) -> PassPlan:
+        """The plan of a suffix pass over ``specs`` (see :func:`policy_layout`), built once and reused by
+        every Euler step: layout, sub-layout, routing, RoPE tables and mask metadata."""
         layout = policy_layout(prefix.image_valid, prefix.tokens_per_image, prefix.text_valid, specs,
                                self.experts).to(self.device)
-        P = prefix.length
-        return SuffixPlan(layout, layout.tokens(P), layout.mask_meta(slice(P, layout.seq_len),
-                                                                     slice(0, layout.seq_len)), P)
+        return PassPlan.build(layout, start=prefix.length, head_dim=self.stack.cfg.head_dim,
+                              rope_theta=self.stack.cfg.rope_theta)
 
     def run_suffixes(self, prefix: Prefix, cache: PrefixCache, suffixes: list[Suffix],
-                     plan: SuffixPlan | None = None) -> dict[str, torch.Tensor]:
+                     plan: PassPlan | None = None) -> dict[str, torch.Tensor]:
         """One pass over several suffixes reading the prefix cache → ``{label: expert outputs [B, H, W]}``."""
         plan = plan or self.plan_suffixes(prefix, [s.spec for s in suffixes])
         embeds, conds = {}, {}
@@ -392,22 +395,29 @@ class Pi0Model(VLAModel):
                 if s.state is not None:
                     conds[f"{s.label}.state"] = s.cond
         hidden = plan.sub.assemble(embeds)
-        cond = plan.sub.assemble(conds) if conds else None
-        out = self.stack(hidden, plan.layout, start=plan.start, cache=cache, cond=cond, meta=plan.meta)
+        cond = plan.sub.assemble(conds, partial=True) if conds else None
+        out = self.stack(hidden, plan=plan, cache=cache, cond=cond)
         return {s.label: plan.sub.extract(out.hidden, s.label).view(s.tokens.shape[0], s.tokens.shape[1], -1)
                 for s in suffixes}
 
-    # -- training ----------------------------------------------------------------------------------
-    def flow_sample(self, x0: torch.Tensor, batch: dict, noise_key: str, t: torch.Tensor):
-        """``(x_t, target u)`` for clean ``x0`` at times ``t`` (noise from ``batch[noise_key]`` if given)."""
-        noise = batch.get(noise_key)
-        noise = torch.randn_like(x0) if noise is None else noise.to(x0)
-        return interpolate(x0, noise, t), velocity_target(x0, noise)
+    def head_velocity(self, label: str, prefix: Prefix, cache: PrefixCache, plan: PassPlan,
+                      state_tok: torch.Tensor | None = None, guide=None):
+        """``velocity(x, t)`` of head ``label`` for its Euler loop: one cached suffix pass per call
+        (``guide`` as in :meth:`head_suffix`)."""
+        head = self.flow_heads[label]
 
+        def velocity(x, t):
+            s = self.head_suffix(label, x, t.expand(x.shape[0]), state_tok, guide)
+            return head.decode(self.run_suffixes(prefix, cache, [s], plan)[label])
+
+        return velocity
+
+    # -- training ----------------------------------------------------------------------------------
     def sample_time(self, batch: dict, B: int) -> torch.Tensor:
+        """One flow time per sample (``batch["time"]`` or the action head's sampler), shared by every head."""
         t = batch.get("time")
         if t is None:
-            t = self.config.flow.time_sampler.sample((B,), device=self.device)
+            t = self.flow_heads["actions"].flow.time_sampler.sample((B,), device=self.device)
         return t.to(self.device, torch.float32)
 
     def target_actions(self, batch: dict) -> torch.Tensor:
@@ -419,24 +429,24 @@ class Pi0Model(VLAModel):
         return self.pad_actions(self.normalizer.normalize("actions", a[:, :H]))
 
     def forward(self, batch: dict):
-        """Flow-matching loss (MSE, plain mean over the padded chunk) → ``(loss, metrics)``."""
+        """Flow-matching loss of the action head (the recipe's kind and reduction) → ``(loss, metrics)``."""
+        head = self.flow_heads["actions"]
         actions = self.target_actions(batch)
-        B = actions.shape[0]
-        t = self.sample_time(batch, B)
-        x_t, u = self.flow_sample(actions, batch, "noise", t)
+        t = self.sample_time(batch, actions.shape[0])
+        x_t, u = head.training_pair(actions, t, batch.get("noise"))
         prefix = self.embed_prefix(batch)
         _, cache = self.run_prefix(prefix)
-        state_tok = None if self.config.pi05 else self.state_token(self.normalizer.normalize("state", batch["state"]))
-        h = self.run_suffixes(prefix, cache, [self.action_suffix(x_t, t, state_tok)])["actions"]
-        v = self.action_out_proj(h)
-        loss = flow_loss(v, u, self.config.flow.loss_kind, reduction=self.config.flow.reduction)
+        h = self.run_suffixes(prefix, cache, [self.head_suffix("actions", x_t, t, self.state_token(batch))])
+        loss = head.loss(head.decode(h["actions"]), u)
         return loss, {"loss_action": loss.detach()}
 
     # -- inference ---------------------------------------------------------------------------------
-    def grid(self, num_steps: int | None = None) -> torch.Tensor:
+    def grid(self, num_steps: int | None = None, label: str = "actions") -> torch.Tensor:
+        """Head ``label``'s Euler grid (its recipe's, or ``num_steps`` uniform steps with its shift)."""
+        flow = self.flow_heads[label].flow
         if num_steps is None:
-            return self.config.flow.grid(self.device)
-        return time_grid(num_steps=num_steps, shift=self.config.flow.shift, device=self.device)
+            return flow.grid(self.device)
+        return time_grid(num_steps=num_steps, shift=flow.shift, device=self.device)
 
     def _noise(self, shape, noise, generator):
         if noise is not None:
@@ -451,21 +461,16 @@ class Pi0Model(VLAModel):
         prefix = self.embed_prefix(batch)
         _, cache = self.run_prefix(prefix)
         B = prefix.tokens.shape[0]
-        state_tok = None if self.config.pi05 else self.state_token(self.normalizer.normalize("state", batch["state"]))
         H, A = self.config.action_horizon, self.config.action_dim
         plan = self.plan_suffixes(prefix, [(ACT, "actions", H, not self.config.pi05)])
-
-        def velocity(x, t):
-            s = self.action_suffix(x, t.expand(B), state_tok)
-            return self.action_out_proj(self.run_suffixes(prefix, cache, [s], plan)["actions"])
-
-        x = euler_sample(velocity, self._noise((B, H, A), noise, generator), self.grid(num_steps))
+        velocity = self.head_velocity("actions", prefix, cache, plan, self.state_token(batch))
+        x = self.flow_heads["actions"].sample(velocity, self._noise((B, H, A), noise, generator), self.grid(num_steps))
         return {"actions": x}
 
     def _output(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalizer.unnormalize(key, x)
         real = self.config.real_action_dim
-        return x if real is None else x[..., :real]
+        x = x if real is None else x[..., :real]
+        return self.normalizer.unnormalize(key, x, padded=True)  # past the stats' width: model-space padding
 
     @torch.no_grad()
     def infer(self, batch: dict, **kw) -> dict:
@@ -495,7 +500,7 @@ class Pi0Model(VLAModel):
         lengths = torch.randint(1, L + 1, (batch_size,), generator=g)
         real = c.real_action_dim or c.action_dim
         return {
-            "images": torch.rand(batch_size, n_cam, 3, S, S, generator=g) * 2 - 1,
+            "images": torch.rand(batch_size, n_cam, 3, S, S, generator=g),  # float in [0, 1] (vla_blocks.batch)
             "image_masks": image_masks,
             "tokenized_prompt": torch.randint(0, vocab, (batch_size, L), generator=g),
             "tokenized_prompt_mask": torch.arange(L)[None, :] < lengths[:, None],
