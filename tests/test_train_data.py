@@ -105,3 +105,13 @@ def test_demo_training_run_lowers_the_loss(capsys):
     line = next(x for x in out.splitlines() if x.startswith("[train] pi0-tiny-demo on a generated LeRobotDataset"))
     start, end = (float(v) for v in line.split("loss ")[1].split(" (")[0].split(" -> "))
     assert end < 0.85 * start
+
+
+def test_processor_images_stay_in_the_unit_range_after_resize():
+    """A 0-valued 32 px image resized to 28 px: bilinear rounding must not leave [0, 1] (the batch contract)."""
+    from vla_blocks.encoders import preprocess_images
+    import torch
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., :, 16:] = 1.0
+    y = preprocess_images(x, size=28, float_range="unit", out_range="unit")
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
