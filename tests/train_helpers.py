@@ -72,10 +72,16 @@ def spawn(fn, world, *args):
     mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
+DIST_OPTIMIZER = {"lr": 1e-3, "eps": 1e-5}
+
+
 def train_run(rank, world, strategy, out, run_dir=None, steps=5, global_batch=4, accum=1):
     """One training run on this rank; rank 0 saves the final full state dict to ``out``."""
     model = build()
+    # lr 1e-3, eps 1e-5: Adam divides by |g| + eps, so a gradient near eps turns fp32 reduction-order noise (1e-9)
+    # into update differences of lr/eps × noise; these settings keep that below 1e-7 while the weights move ~5e-3
     c = cfg(steps=steps, batch_size=global_batch // world // accum, grad_accum=accum, ema={"decay": 0.8},
+            optimizer=DIST_OPTIMIZER,
             distributed={"strategy": strategy, "replicate": world if strategy == "hsdp" else 1},
             checkpoint={"every": steps}, validation={"every": 5, "batches": 1})
     data = DemoBatches(model, global_batch, seed=3, rank=rank, world_size=world, extra=noise_extra(model))
