@@ -63,13 +63,23 @@ def _worker(rank, world, port, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world, *args):
+def spawn(fn, world, *args, attempts: int = 2):
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks. A rank killed by a signal is retried once: on this
+    CPU stack a rank occasionally aborts in native teardown ("terminate called without an active exception",
+    SIGABRT) after its work is done (reference/ecosystem.md §4 saw the same in 1 of 8 cold runs)."""
     import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    for attempt in range(attempts):
+        try:
+            mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+            return
+        except mp.ProcessExitedException:
+            if attempt == attempts - 1:
+                raise
 
 
 DIST_OPTIMIZER = {"lr": 1e-3, "eps": 1e-5}
