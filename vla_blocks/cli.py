@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
              "vla_blocks.hub:add_push_arguments", "vla_blocks.hub:run_push"),
     "bench": ("run a benchmark suite (attention, inference, backbone, serve) and write results",
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
+    "train": ("train a recipe (one process, DDP or FSDP2 under torchrun) with checkpoints and exact resume",
+              "vla_blocks.train.api:add_arguments", "vla_blocks.train.api:run"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
     "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
@@ -142,6 +144,13 @@ def cmd_demo(args) -> int:
             failures += 1
             print(f"[FAILED] {name}: {type(e).__name__}: {e}")
     print(f"demo: {len(names) - failures}/{len(names)} tiny recipes ran")
+    train_steps = args.train_steps if args.train_steps is not None else (0 if args.recipes else 200)
+    if train_steps:
+        from .train.api import demo_training
+        t0 = time.perf_counter()
+        r = demo_training(train_steps, args.seed)
+        print(f"[train] pi0-tiny-demo on {r['source']}: {r['steps']} steps in {time.perf_counter() - t0:.1f}s, "
+              f"loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} (run folder {r['run_dir']})")
     return 1 if failures else 0
 
 
@@ -173,6 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-steps", type=int, default=None,
+                   help="steps of the short pi0-tiny training run (default 200; 0, or --recipes without this: none)")
     s.set_defaults(fn=cmd_demo)
     for name, (help_, add, run) in SUBCOMMANDS.items():
         s = sub.add_parser(name, help=help_)

@@ -54,7 +54,8 @@ def preprocess_images(images: torch.Tensor, size: int | tuple[int, int] = 224, f
     if out_range not in ("unit", "signed"):
         raise ValueError(f"unknown out_range {out_range!r} (valid: 'unit', 'signed')")
     if out_range == "unit":
-        return (preprocess_images(images, size, float_range, pad_value, antialias) + 1.0) * 0.5
+        # clamped: bilinear weights summing to 1 − ε take a −1 pixel to −1.0000001, i.e. −6e-8 in [0, 1]
+        return ((preprocess_images(images, size, float_range, pad_value, antialias) + 1.0) * 0.5).clamp_(0.0, 1.0)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim == 3:
