@@ -73,6 +73,8 @@ def parameter_tree(model: torch.nn.Module) -> "OrderedDict[str, int]":
 
 
 def build_on_meta(ref: str, overrides: list[str]):
+    """The resolved config of ``ref`` with ``KEY=VALUE`` overrides and its model built on the meta device (shapes only,
+    no memory)."""
     from .model import model_config
     kv = dict(parse_override(o) for o in overrides)
     cfg = model_config(ref, **kv)
@@ -82,6 +84,7 @@ def build_on_meta(ref: str, overrides: list[str]):
 
 
 def cmd_recipes(args) -> int:
+    """``vla-blocks recipes``: print the shipped recipe names, one per line."""
     for r in list_recipes():
         print(r)
     return 0
@@ -145,6 +148,8 @@ def print_fields(cfg, title: str, width: int | None = None) -> None:
 
 
 def cmd_info(args) -> int:
+    """``vla-blocks info``: the parameter tree of a recipe (meta device), or its resolved YAML (``--show-config``),
+    batch schema (``--batch``) or fields with their help (``--fields``)."""
     if getattr(args, "fields", False):
         from .model import model_config
         cfg = model_config(args.recipe, **dict(parse_override(o) for o in args.overrides))
@@ -180,6 +185,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``vla-blocks demo``: build each tiny recipe, run one training step and one inference call, report each; exit 1 if
+    any failed."""
     from .model import create_model
     names = args.recipes or [r for r in list_recipes() if r.endswith("-tiny")]
     torch.manual_seed(args.seed)
@@ -223,6 +230,8 @@ def _show(v) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``vla-blocks`` argument parser (built-in subcommands; the :data:`SUBCOMMANDS` add their options when parsed).
+    """
     p = argparse.ArgumentParser(prog="vla-blocks", description="vla_blocks: building blocks for VLA models.")
     p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     sub = p.add_subparsers(dest="command", required=True)
