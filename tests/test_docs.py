@@ -33,7 +33,6 @@ PENDING = (
     "vla_blocks/conditioning.py",
     "vla_blocks/config.py",
     "vla_blocks/convert.py",
-    "vla_blocks/flow.py",
     "vla_blocks/heads.py",
     "vla_blocks/hub.py",
     "vla_blocks/models/__init__.py",
