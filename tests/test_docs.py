@@ -36,13 +36,10 @@ PENDING = (
     "vla_blocks/heads.py",
     "vla_blocks/hub.py",
     "vla_blocks/models/__init__.py",
-    "vla_blocks/models/acot.py",
     "vla_blocks/models/halo/configuration.py",
     "vla_blocks/models/halo/context.py",
     "vla_blocks/models/halo/modeling.py",
     "vla_blocks/models/halo/plans.py",
-    "vla_blocks/models/mot_lm.py",
-    "vla_blocks/models/pi0.py",
 )
 
 
