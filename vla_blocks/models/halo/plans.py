@@ -30,6 +30,7 @@ class HaloSample:
 
     @property
     def mode(self) -> str:
+        """``emcot`` when the sample has a thought or a goal image, else ``reactive``."""
         return "emcot" if (self.thought is not None or self.goal is not None) else "reactive"
 
 
@@ -53,6 +54,7 @@ class PlanItem:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of this item with its two markers: text ids + 2, chunk + 2, or grid h·w + 2."""
         if self.kind == "text":
             return len(self.ids) + 2
         if self.kind == "action":
