@@ -36,10 +36,6 @@ PENDING = (
     "vla_blocks/heads.py",
     "vla_blocks/hub.py",
     "vla_blocks/models/__init__.py",
-    "vla_blocks/models/halo/configuration.py",
-    "vla_blocks/models/halo/context.py",
-    "vla_blocks/models/halo/modeling.py",
-    "vla_blocks/models/halo/plans.py",
 )
 
 
