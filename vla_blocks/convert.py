@@ -71,12 +71,15 @@ class SourceCheckpoint:
                                              f"corrupt: download it again") from e
 
     def keys(self) -> list[str]:
+        """The tensor names of the source checkpoint (every file)."""
         return list(self.shapes)
 
     def __contains__(self, key) -> bool:
         return key in self.shapes
 
     def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor (floating point as float32); :class:`CorruptCheckpointError` names the file when it cannot be
+        read."""
         h, f = self._where[key]
         try:
             t = h.get_tensor(key)
@@ -353,6 +356,8 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """Human-readable report: tensors mapped, recipe values read off the tensors, dropped and filled tensors grouped
+        by reason, regenerated ones, unmapped source keys, missing model tensors, shape mismatches and notes."""
         from .hub import _listing
         lines = [f"{len(self.mapped)} tensors mapped from {self.source}"
                  + (f"; recipe values read off the tensors: {self.inferred}" if self.inferred else "")]
@@ -479,6 +484,7 @@ class ShapeSource:
         self.dtypes = dict(dtypes or {})
 
     def keys(self) -> list[str]:
+        """The tensor names."""
         return list(self.shapes)
 
     def __contains__(self, key) -> bool:
@@ -695,6 +701,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(p):
+    """Options of ``vla-blocks convert``."""
     p.add_argument("kind", choices=sorted(CONVERTERS), help="upstream format: halo (HALO/BAGEL ema.safetensors), "
                    "pi0 / pi05 (lerobot PyTorch checkpoints)")
     p.add_argument("src", help="a .safetensors file, a folder, or hf-hub:org/name[@revision]")
@@ -713,6 +720,8 @@ def add_cli_arguments(p):
 
 
 def run_cli(args) -> int:
+    """``vla-blocks convert``: convert an upstream checkpoint into a saved model folder, print the report and how to
+    load it; a conversion error is one line on stderr (exit 2)."""
     import sys
     try:
         folder, report = convert(args.kind, args.src, args.out, recipe=args.recipe, overrides=args.overrides,
