@@ -141,7 +141,8 @@ class LearnableQueryIAR(IARConfig):
     mask_padding: bool = False
 
     def build(self, depth, dim, output_dim, backbone_heads, backbone_head_dim):
-        """The :class:`LearnableQueryExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim`` per layer."""
+        """The :class:`LearnableQueryExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim``
+        per layer."""
         return LearnableQueryExtractor(self.num_queries, dim, output_dim, depth, self.num_heads or backbone_heads,
                                        self.head_dim or backbone_head_dim, self.group_size)
 
@@ -159,7 +160,8 @@ class AttentionPoolingIAR(IARConfig):
     mask_padding: bool = False
 
     def build(self, depth, dim, output_dim, backbone_heads, backbone_head_dim):
-        """The :class:`AttentionPoolingExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim`` per layer."""
+        """The :class:`AttentionPoolingExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim``
+        per layer."""
         return AttentionPoolingExtractor(dim, output_dim, depth, self.num_heads or backbone_heads,
                                          self.head_dim or backbone_head_dim, self.group_size)
 
@@ -269,7 +271,8 @@ class DownsampleExtractor(_GroupedExtractor):
         return self._project(queries, self.q_proj)[None]  # [1, L, Q, inner]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all) → ``[B, L, output_dim]``."""
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K), K, V, key_mask))
 
@@ -289,7 +292,8 @@ class LearnableQueryExtractor(_GroupedExtractor):
         return self._project(queries, self.q_proj)[None]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all) → ``[B, L, output_dim]``."""
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K), K, V, key_mask))
 
@@ -304,7 +308,8 @@ class AttentionPoolingExtractor(_GroupedExtractor):
         super().__init__(dim, num_heads * head_dim, output_dim, depth, group_size, num_heads)
 
     def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean key of every layer (valid positions only with ``key_mask``) through ``q_proj``: ``[B, L, 1, inner]``."""
+        """The mean key of every layer (valid positions only with ``key_mask``) through ``q_proj``:
+        ``[B, L, 1, inner]``."""
         if key_mask is None:
             mean_k = K.mean(2, keepdim=True)
         else:
@@ -313,7 +318,8 @@ class AttentionPoolingExtractor(_GroupedExtractor):
         return self._project(mean_k, self.q_proj)  # [B, L, 1, inner]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all) → ``[B, L, output_dim]``."""
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K, key_mask), K, V, key_mask))
 
