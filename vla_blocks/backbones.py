@@ -118,11 +118,19 @@ class HFCausalLMBackbone(BackboneConfig):
     family_keys: ClassVar[dict[str, tuple[str, ...]]] = {"model_type": ("config",),
                                                           "pretrained": ("config", "model_type")}
 
+    # transformers family: qwen2 (HALO: Qwen2.5-1.5B), llama (also SmolLM2) or gemma (pi0: Gemma-2B);
+    # None: read from ``pretrained``'s config.json
     model_type: str | None = None
+    # transformers config kwargs (hidden_size, num_hidden_layers, ...) for AutoConfig.for_model(model_type, ...);
+    # with ``pretrained`` they override the checkpoint's config; unknown keys are an error
     config: dict[str, Any] = field(default_factory=dict)
+    # local folder of a transformers checkpoint (config.json + model.safetensors); None: random init from ``config``
     pretrained: str | None = None
+    # with ``pretrained``: copy its weights into expert 0 (false: take only its config and initialise randomly)
     load_weights: bool = True
+    # add q/k RMSNorms over head_dim, initialised to ones (BAGEL/HALO: true; stock Qwen2.5/Gemma/Llama: false)
     qk_norm: bool = False
+    # RNG seed of the random initialisation (same seed -> same weights as transformers' own init)
     seed: int = 0
 
     def __post_init__(self):
@@ -151,6 +159,9 @@ class HFCausalLMBackbone(BackboneConfig):
 
     # -- config ---------------------------------------------------------------------------------
     def hf_config(self):
+        """The transformers config of this backbone: the checkpoint's (``pretrained``, with ``config`` overriding its
+        keys) or ``AutoConfig.for_model(model_type, **config)``; ``ValueError`` when they disagree or a kwarg is
+        invalid."""
         from transformers import AutoConfig
         if self.pretrained:
             cfg = AutoConfig.from_pretrained(self.pretrained, local_files_only=True, **self.config)
@@ -164,6 +175,9 @@ class HFCausalLMBackbone(BackboneConfig):
             raise ValueError(f"backbone.config is not valid for {self.model_type}: {e}") from e
 
     def spec(self) -> BackboneSpec:
+        """The :class:`BackboneSpec` (attention geometry, vocabulary, expert-0 block) read from :meth:`hf_config` with
+        the family's conventions (:data:`FAMILIES`); ``ValueError`` names any setting the stack cannot reproduce
+        (rope scaling, sliding window, MLP bias, an unknown activation)."""
         c = self.hf_config()
         fam = FAMILIES[self.model_type]
         rope = getattr(c, "rope_parameters", None) or {}
@@ -360,16 +374,20 @@ class MoTLanguageModel(nn.Module):
         self.embed_scale = embed_scale
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[..., D]`` of ``input_ids``, times ``embed_scale`` (√D for Gemma) in the embedding's
+        dtype."""
         x = self.embed_tokens(input_ids)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM logits ``[..., vocab]`` of hidden states ``h [..., D]`` (the LM head, or the tied embedding)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return h @ w.t()
 
     def forward(self, hidden: dict[str, torch.Tensor], layout: Layout, **kw) -> MoTOutput:
+        """Run the :class:`MoTStack` on per-expert hidden states for ``layout`` (keyword arguments go to the stack)."""
         return self.stack(hidden, layout, **kw)
 
     @torch.no_grad()
@@ -429,11 +447,16 @@ class ExpertSpec:
     ``init_from``: ``backbone`` (copy the backbone expert), another expert's name, or null (random).
     """
 
-    hidden_size: int | None = None
+    hidden_size: int | None = None  # width D of this expert (None: the backbone's; pi0 action expert: 1024)
+    # FFN inner size (None: the backbone's, or backbone × ``ffn_ratio``; pi0 action expert: 4096)
     intermediate_size: int | None = None
+    # FFN size as a fraction of the backbone's, int(intermediate_size·ratio) (HALO action_expert_mlp_ratio, 1.0)
     ffn_ratio: float | None = None
-    qk_norm: bool | None = None
+    qk_norm: bool | None = None  # q/k RMSNorm in this expert (None: as the backbone)
+    # width of the adaRMS conditioning vector (pi0.5's time embedding); None: plain RMSNorm, no modulation
     adarms_cond_dim: int | None = None
+    # initial weights: "backbone" (copy of the backbone expert, sliced when sizes differ), another expert's
+    # name, or None (random)
     init_from: str | None = "backbone"
 
 
@@ -467,6 +490,8 @@ def build_mot_config(backbone: BackboneSpec, experts: dict[str, ExpertSpec], att
 
 def build_language_model(backbone: HFCausalLMBackbone, experts: dict[str, ExpertSpec], attention_backend: str = "auto",
                          gradient_checkpointing: bool = False, import_weights: bool = True) -> MoTLanguageModel:
+    """A :class:`MoTLanguageModel` for ``backbone`` and ``experts`` (the first expert holds the backbone), its weights
+    imported from the backbone unless ``import_weights`` is false."""
     spec = backbone.spec()
     mot = build_mot_config(spec, experts, attention_backend, gradient_checkpointing)
     lm = MoTLanguageModel(mot, spec.vocab_size, spec.tie_word_embeddings, spec.embed_scale)

@@ -95,6 +95,7 @@ class CheckedBatch(dict):
 
     @property
     def batch_size(self) -> int | None:
+        """The batch size B bound by the check (None when no field has a batch dimension)."""
         return self.dims.get("B")
 
 
@@ -140,6 +141,7 @@ class BatchSchema:
             self.fields[f.key] = f
 
     def for_mode(self, mode: str) -> list[Field]:
+        """The fields of this schema that ``mode`` (``train``, ``infer``, ...) reads."""
         return [f for f in self.fields.values() if mode in f.modes]
 
     # -- checking -----------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ def checkout_root() -> Path | None:
 
 
 def default_results_dir() -> Path:
+    """``benchmarks/results`` of the source checkout (``FileNotFoundError`` outside one: pass ``--out``)."""
     root = checkout_root()
     if root is None:
         raise FileNotFoundError("benchmarks/ not found: run from a source checkout (pip install -e .) or pass --out")
@@ -88,6 +89,8 @@ def _default_mode() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see a partial file; parents
+    created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -103,6 +106,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_savefig(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -184,6 +188,8 @@ def _nvidia_smi(index: int) -> dict:
 
 
 def gpu_peak_tflops(name: str, dtype: str) -> float | None:
+    """The dense tensor-core peak (TFLOP/s) of a GPU by name fragment for ``dtype`` (``bfloat16``/``float16``); None
+    when unknown."""
     for frag in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
         if frag.lower() in name.lower():
             return GPU_PEAK_TFLOPS[frag].get(dtype)
@@ -212,6 +218,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def versions() -> dict:
+    """Versions of Python, torch, CUDA and the packages a benchmark depends on (None when not installed)."""
     from importlib import metadata
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ("triton", "transformers", "numpy", "flash-attn", "xformers", "vla-blocks"):
@@ -224,6 +231,7 @@ def versions() -> dict:
 
 
 def git_state() -> dict:
+    """The checkout's commit and whether tracked files are modified (``{"commit": None}`` outside git)."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -235,6 +243,7 @@ def git_state() -> dict:
 
 
 def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): recorded so a noisy run can be told apart."""
     with contextlib.suppress(OSError, AttributeError):
         return [round(x, 2) for x in os.getloadavg()]
     return None
@@ -257,11 +266,13 @@ class TimerSettings:
 
     @classmethod
     def smoke(cls) -> "TimerSettings":
+        """Settings for ``--smoke`` runs: two repetitions, no warm-up (checks that a suite runs, not its speed)."""
         return cls(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0, warmup_max_s=0.0, max_time_s=0.0,
                    warmup_ms=5, rep_ms=10)
 
 
 def summarize(times_s: list[float], timer: str) -> dict:
+    """Median, quartiles, IQR and minimum (ms) of per-call times in seconds, with the count and the timer's name."""
     ts = sorted(times_s)
     if len(ts) >= 2:
         q = statistics.quantiles(ts, n=4, method="inclusive")
@@ -421,6 +432,7 @@ def matmul_reference(device: torch.device, dtype: torch.dtype, settings: TimerSe
 
 # ---------------------------------------------------------------------------------------------- markdown
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table of ``rows`` under ``headers`` (floats through :func:`fmt_num`, None as "–")."""
     def cell(x):
         if x is None:
             return "–"
@@ -433,6 +445,7 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
+    """A number with about ``digits`` significant digits for reports ("–" for None)."""
     if x is None:
         return "–"
     if x == 0:
@@ -450,6 +463,7 @@ def fmt_num(x: float | None, digits: int = 3) -> str:
 
 
 def fmt_bytes(n: int | None) -> str:
+    """A byte count in GiB / MiB / KiB / B ("–" for None)."""
     if n is None:
         return "–"
     for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
@@ -466,6 +480,7 @@ def fmt_ms(t: dict | None) -> str:
 
 
 def header_markdown(payload: dict) -> str:
+    """The Markdown header of a suite report: device, versions, run time, git commit and settings of ``payload``."""
     d, v = payload["device"], payload["versions"]
     lines = [f"# {payload['suite']} benchmark — {d['name']}" + (" (smoke)" if payload.get("smoke") else ""), ""]
     lines.append(f"- device: `{d['slug']}`" + (f", {d['cpu'].get('usable_cpus')} usable CPUs, torch threads "
@@ -491,6 +506,7 @@ class BenchContext:
     quiet: bool = False
 
     def log(self, msg: str):
+        """Print a progress line (unless ``quiet``)."""
         if not self.quiet:
             print(msg, flush=True)
 
@@ -501,15 +517,20 @@ class BenchContext:
         return TimerSettings(**{**vars(self.timer), **overrides})
 
     def time(self, fn, grad_to_none=None, **timer_overrides) -> dict:
+        """:func:`time_fn` of ``fn`` on this run's device and timer settings (``timer_overrides`` ignored in smoke
+        runs)."""
         return time_fn(fn, self.device, self._timer(timer_overrides), grad_to_none)
 
     def time_interleaved(self, fns: dict, grad_to_none=None, **timer_overrides) -> dict:
+        """:func:`time_interleaved` of the candidates ``fns`` on this run's device and timer settings."""
         return time_interleaved(fns, self.device, self._timer(timer_overrides), grad_to_none)
 
     def memory(self, fn) -> dict:
+        """:func:`peak_memory` of one ``fn()`` call on this run's device (bytes)."""
         return peak_memory(fn, self.device)
 
     def sync(self):
+        """Wait for the device's queued work (CUDA synchronize; nothing on CPU)."""
         _sync(self.device)
 
 
@@ -680,6 +701,8 @@ def render_results(results_dir: Path) -> list[Path]:
 
 
 def update_readme(readme: Path, results_dir: Path) -> bool:
+    """Rewrite README's generated Benchmarks section (between the bench markers) from ``results_dir``; True if it
+    changed."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme}: no {README_START!r} … {README_END!r} markers in its Benchmarks section")
@@ -694,6 +717,7 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser):
+    """Options of ``vla-blocks bench``."""
     p.add_argument("suite", choices=list(SUITES) + ["all", "render"],
                    help="attention | inference | backbone | all, or render (re-render the reports under "
                         "benchmarks/results from their JSON and README's Benchmarks tables)")
@@ -710,6 +734,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def parse_sets(sets: list[str]) -> dict:
+    """``--set KEY=VALUE`` options as a dict of strings (``ValueError`` naming a malformed one)."""
     out = {}
     for s in sets:
         if "=" not in s:
@@ -720,6 +745,8 @@ def parse_sets(sets: list[str]) -> dict:
 
 
 def cmd_bench(args) -> int:
+    """``vla-blocks bench``: run the chosen suites and write their results, or re-render reports and README
+    (``render``)."""
     if args.suite == "render":
         root = checkout_root()
         if root is None:

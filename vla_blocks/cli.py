@@ -2,7 +2,8 @@
 
 Subcommands: ``recipes`` (one name per line), ``info RECIPE [KEY=VALUE ...]`` (component tree with
 parameter counts per expert and in total, computed on the meta device: no weights allocated;
-``--show-config`` prints the resolved recipe as YAML instead),
+``--show-config`` prints the resolved recipe as YAML instead, ``--fields`` every resolved field with its value
+and help),
 ``demo`` (every tiny recipe: a forward/backward step and an inference call), plus the subcommands
 listed in :data:`SUBCOMMANDS` (``convert``, ``push``, ``bench``), implemented beside what they drive and
 imported only when used.
@@ -74,6 +75,8 @@ def parameter_tree(model: torch.nn.Module) -> "OrderedDict[str, int]":
 
 
 def build_on_meta(ref: str, overrides: list[str]):
+    """The resolved config of ``ref`` with ``KEY=VALUE`` overrides and its model built on the meta device (shapes only,
+    no memory)."""
     from .model import model_config
     kv = dict(parse_override(o) for o in overrides)
     cfg = model_config(ref, **kv)
@@ -83,12 +86,79 @@ def build_on_meta(ref: str, overrides: list[str]):
 
 
 def cmd_recipes(args) -> int:
+    """``vla-blocks recipes``: print the shipped recipe names, one per line."""
     for r in list_recipes():
         print(r)
     return 0
 
 
+def _value_at(cfg, path: str):
+    """The value at a dotted field path below ``cfg`` (attributes of configs, keys of mappings, list indices)."""
+    val = cfg
+    for part in path.split("."):
+        if isinstance(val, dict):
+            val = val[part]
+        elif isinstance(val, (list, tuple)):
+            val = val[int(part)]
+        else:
+            val = getattr(val, part)
+    return val
+
+
+def field_rows(cfg, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key path, value, help)`` of every field of a resolved config, as :func:`~vla_blocks.config.describe_fields`
+    gives them, plus the configs held in mappings or lists (``experts.und.hidden_size``) expanded below their field.
+    The help of a field is found next to it in its dataclass (:func:`~vla_blocks.config.field_docs`)."""
+    from dataclasses import is_dataclass
+
+    from .config import describe_fields
+    rows = []
+    for key, shown, help_ in describe_fields(cfg, prefix):
+        val = _value_at(cfg, key[len(prefix):])
+        items = list(val.items()) if isinstance(val, dict) else \
+            list(enumerate(val)) if isinstance(val, (list, tuple)) else []
+        nested = [(str(k), v) for k, v in items if is_dataclass(v)]
+        if not nested:
+            rows.append((key, shown, help_))
+            continue
+        rows.append((key, f"<{len(items)} entries>", help_))
+        for k, v in nested:
+            rows.append((f"{key}.{k}", f"<{getattr(v, 'type', '') or type(v).__name__}>", ""))
+            rows += field_rows(v, f"{key}.{k}.")
+    return rows
+
+
+def print_fields(cfg, title: str, width: int | None = None) -> None:
+    """Print :func:`field_rows` of ``cfg``: ``key = value`` indented by depth, the help beside it (wrapped)."""
+    import shutil
+    import textwrap
+    width = width or max(100, shutil.get_terminal_size((120, 24)).columns)
+    rows = [("  " * (1 + key.count(".")) + f"{key} = {shown}", help_) for key, shown, help_ in field_rows(cfg)]
+    col = min(max((len(left) for left, _ in rows), default=0), 44) + 2
+    print(title)
+    for left, help_ in rows:
+        if not help_:
+            print(left)
+            continue
+        lines = textwrap.wrap(help_, max(40, width - col - 2))
+        if len(left) + 2 > col:
+            print(left)
+            left = ""
+        print(f"{left:<{col}}# {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<{col}}  {line}")
+
+
 def cmd_info(args) -> int:
+    """``vla-blocks info``: the parameter tree of a recipe (meta device), or its resolved YAML (``--show-config``),
+    batch schema (``--batch``) or fields with their help (``--fields``)."""
+    if getattr(args, "fields", False):
+        from .model import model_config
+        cfg = model_config(args.recipe, **dict(parse_override(o) for o in args.overrides))
+        print_fields(cfg, f"# {args.recipe}" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+                     + f": every field of the resolved config (type: {cfg.type}); its key path is the "
+                       f"KEY of a KEY=VALUE override")
+        return 0
     cfg, model = build_on_meta(args.recipe, args.overrides)
     if getattr(args, "show_config", False):
         from .config import dump_recipe
@@ -117,6 +187,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``vla-blocks demo``: build each tiny recipe, run one training step and one inference call, report each; exit 1 if
+    any failed."""
     from .model import create_model
     names = args.recipes or [r for r in list_recipes() if r.endswith("-tiny")]
     torch.manual_seed(args.seed)
@@ -167,6 +239,8 @@ def _show(v) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``vla-blocks`` argument parser (built-in subcommands; the :data:`SUBCOMMANDS` add their options when parsed).
+    """
     p = argparse.ArgumentParser(prog="vla-blocks", description="vla_blocks: building blocks for VLA models.")
     p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +252,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-config", action="store_true",
                    help="print the resolved recipe (YAML: base, overrides and defaults applied) instead of the tree")
     s.add_argument("--batch", action="store_true", help="print the model's batch schema (keys, dtypes, shapes, ranges)")
+    s.add_argument("--fields", action="store_true",
+                   help="print every field of the resolved config with its value and help, nested components indented")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("demo", help="build every tiny recipe, run a training step and an inference call")
     s.add_argument("--recipes", nargs="*", help="recipes to run (default: every *-tiny recipe)")

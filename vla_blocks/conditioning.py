@@ -155,6 +155,7 @@ class TimestepEmbedder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, hidden_size]`` of times ``t [B]`` in [0, 1] (the raw t, no ×1000): sinusoid then the MLP."""
         emb = timestep_sinusoid(t, self.freq_dim, self.max_period)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -174,6 +175,7 @@ class ConcatTimeMLP(nn.Module):
         self.action_time_mlp_out = nn.Linear(width, width)
 
     def forward(self, action_emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Action tokens ``[B, H, W]`` fused with the time: ``action_emb [B, H, W]`` and ``t [B]`` (or a scalar)."""
         if action_emb.ndim != 3 or action_emb.shape[-1] != self.width:
             raise ValueError(f"action_emb must be [B, H, {self.width}], got {tuple(action_emb.shape)}")
         t = _as_time(t)
@@ -202,6 +204,7 @@ class AdaRMSTimeMLP(nn.Module):
         self.time_mlp_out = nn.Linear(width, width)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """The adaRMS condition ``[B, W]`` of times ``t [B]``."""
         temb = posemb_sincos(t, self.width, self.min_period, self.max_period, self.numerics).to(
             self.time_mlp_in.weight.dtype)
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))

@@ -95,6 +95,7 @@ class ComponentConfig:
             _REGISTRY.setdefault(slot, _slot_registry(slot))
 
     def build(self, *args, **kwargs):
+        """The module (or object) this component config describes; components that build nothing raise."""
         raise NotImplementedError(f"{type(self).__name__} does not build a module")
 
 
@@ -119,6 +120,7 @@ def _load_plugins():
 
 
 def registered(slot: str) -> dict[str, type]:
+    """The components of ``slot``: name -> config class (built-ins and entry-point plug-ins loaded first)."""
     _load_plugins()
     if slot not in _REGISTRY:
         raise KeyError(f"unknown slot {slot!r}{_suggest(slot, _REGISTRY)}")
@@ -126,6 +128,8 @@ def registered(slot: str) -> dict[str, type]:
 
 
 def component_class(slot: str, name: str, *, file: str | None = None, path: str = "type") -> type:
+    """The config class registered as ``name`` in ``slot``; :class:`ConfigError` names the file, key path and closest
+    names otherwise."""
     reg = registered(slot)
     if not isinstance(name, str):
         raise ConfigError(f"{_where(file, path)}: a {slot} component name must be a string, got {name!r} "
@@ -265,11 +269,13 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 def recipe_dir() -> Path:
+    """The folder of the recipes shipped with the package."""
     import vla_blocks.recipes as r
     return Path(r.__file__).parent
 
 
 def list_recipes() -> list[str]:
+    """Names of the shipped recipes (file stems), sorted."""
     return sorted(p.stem for p in recipe_dir().iterdir() if p.suffix in RECIPE_SUFFIXES)
 
 
@@ -466,6 +472,8 @@ def _model_fields(data, file):
 
 
 def dump_recipe(cfg) -> str:
+    """A resolved config as recipe YAML (``type`` tags included) that :func:`load_recipe` reads back to an equal config.
+    """
     return yaml.safe_dump(encode(cfg), sort_keys=False)
 
 

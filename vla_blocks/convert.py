@@ -83,12 +83,15 @@ class SourceCheckpoint:
                                              f"corrupt: download it again") from e
 
     def keys(self) -> list[str]:
+        """The tensor names of the source checkpoint (every file)."""
         return list(self.shapes)
 
     def __contains__(self, key) -> bool:
         return key in self.shapes
 
     def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor (floating point as float32); :class:`CorruptCheckpointError` names the file when it cannot be
+        read."""
         h, f = self._where[key]
         try:
             t = h.get_tensor(key)
@@ -315,6 +318,8 @@ class ConversionReport:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
+        """Human-readable report: tensors mapped, recipe values read off the tensors, dropped and filled tensors grouped
+        by reason, regenerated ones, unmapped source keys, missing model tensors, shape mismatches and notes."""
         from .hub import _listing
         lines = [f"{len(self.mapped)} tensors mapped from {self.source}"
                  + (f"; recipe values read from the upstream config and tensors: {self.inferred}"
@@ -442,6 +447,7 @@ class ShapeSource:
         self.dtypes = dict(dtypes or {})
 
     def keys(self) -> list[str]:
+        """The tensor names."""
         return list(self.shapes)
 
     def __contains__(self, key) -> bool:
@@ -699,6 +705,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(p):
+    """Options of ``vla-blocks convert``."""
     p.add_argument("kind", choices=sorted(CONVERTERS), help="upstream format: halo (HALO/BAGEL ema.safetensors), "
                    "pi0 / pi05 (lerobot PyTorch checkpoints), pi0-jax / pi05-jax / acot-jax (openpi / ACoT-VLA "
                    "JAX params trees)")
@@ -719,6 +726,8 @@ def add_cli_arguments(p):
 
 
 def run_cli(args) -> int:
+    """``vla-blocks convert``: convert an upstream checkpoint into a saved model folder, print the report and how to
+    load it; a conversion error is one line on stderr (exit 2)."""
     import sys
     try:
         folder, report = convert(args.kind, args.src, args.out, recipe=args.recipe, overrides=args.overrides,

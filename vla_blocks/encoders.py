@@ -115,12 +115,15 @@ class SiglipVision(VisionConfig):
     """
 
     family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
+    # transformers SiglipVisionConfig kwargs (random init; so400m/14: hidden 1152, 27 layers, image 224);
+    # exactly one of ``config`` / ``pretrained``
     config: dict[str, Any] | None = None
-    pretrained: str | None = None
-    num_layers: int | None = None
-    post_layernorm: bool = True
+    pretrained: str | None = None  # local folder of a transformers SigLIP checkpoint (weights + config)
+    num_layers: int | None = None  # keep only the first n encoder layers (None: all)
+    post_layernorm: bool = True  # apply the final post_layernorm (PaliGemma: yes); false: last layer's raw output
 
     def build(self):
+        """The :class:`SiglipVisionEncoder` of this config (random init from ``config``, or ``pretrained``)."""
         return SiglipVisionEncoder(self)
 
 
@@ -137,13 +140,16 @@ class Siglip2NaViT(VisionConfig):
     """
 
     family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
+    # transformers Siglip2VisionConfig kwargs (random init); exactly one of ``config`` / ``pretrained``
     config: dict[str, Any] | None = None
-    pretrained: str | None = None
-    num_layers: int | None = None
+    pretrained: str | None = None  # local folder of a transformers SigLIP2 checkpoint (weights + config)
+    num_layers: int | None = None  # keep only the first n encoder layers (None: all; BAGEL keeps 26 of 27)
+    # patch budget per image: each image is resized (aspect kept) to at most this many patches (SigLIP2: 256)
     max_num_patches: int = 256
-    post_layernorm: bool = True
+    post_layernorm: bool = True  # apply the final post_layernorm (BAGEL/HALO: yes); false: last layer's raw output
 
     def build(self):
+        """The :class:`Siglip2NaViTEncoder` of this config (random init from ``config``, or ``pretrained``)."""
         return Siglip2NaViTEncoder(self)
 
 
@@ -196,6 +202,7 @@ class SiglipVisionEncoder(nn.Module):
         self.num_tokens = (c.image_size // c.patch_size) ** 2
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [B, T, C] of pixels [B, 3, S, S] in [−1, 1] (S = ``image_size``; see :func:`preprocess_images`)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
         if tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
@@ -304,6 +311,8 @@ class Siglip2NaViTEncoder(nn.Module):
 
     def forward_patches(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
                         spatial_shapes: torch.Tensor) -> NaViTFeatures:
+        """Features of already patchified images (the three outputs of :func:`patchify_images_navit`):
+        the valid tokens of every image packed in order, with per-image counts and (h, w) grids."""
         if pixel_values.ndim != 3 or pixel_values.shape[-1] != 3 * self.patch_size ** 2:
             raise ValueError(f"pixel_values must be [N, M, {3 * self.patch_size ** 2}], got {tuple(pixel_values.shape)}")
         dtype = next(self.model.parameters()).dtype
@@ -314,6 +323,7 @@ class Siglip2NaViTEncoder(nn.Module):
         return NaViTFeatures(h[mask], mask.sum(1), spatial_shapes)
 
     def forward(self, images) -> NaViTFeatures:
+        """Patchify ``images`` (a list, or a [N, ...] tensor; see :func:`patchify_images_navit`) and encode them."""
         pv, mask, shapes = patchify_images_navit(images, self.patch_size, self.max_num_patches)
         dev = next(self.model.parameters()).device
         return self.forward_patches(pv.to(dev), mask.to(dev), shapes.to(dev))
@@ -339,6 +349,7 @@ class Connector(nn.Module):
             self.linear = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project vision features [..., in_dim] to the LLM width [..., out_dim]."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"features last dim must be {self.in_dim}, got {tuple(x.shape)}")
         if self.kind == "linear":
@@ -377,13 +388,15 @@ class FluxVAE(VAEConfig):
     """
 
     family_keys: ClassVar[dict] = {"pretrained": ("config",)}  # a new checkpoint drops an inherited config
+    # diffusers AutoencoderKL kwargs (random init; FLUX's: ``FLUX_VAE_CONFIG``); exactly one of config / pretrained
     config: dict[str, Any] | None = None
-    pretrained: str | None = None
-    subfolder: str | None = None
-    scaling_factor: float = 0.3611
-    shift_factor: float = 0.1159
+    pretrained: str | None = None  # local diffusers-format folder (config.json + weights)
+    subfolder: str | None = None  # the VAE's subfolder inside ``pretrained`` (e.g. "vae" of a FLUX.1 pipeline)
+    scaling_factor: float = 0.3611  # latent = scaling·(posterior mean − shift) (FLUX/BAGEL: 0.3611)
+    shift_factor: float = 0.1159  # subtracted from the posterior mean before scaling (FLUX/BAGEL: 0.1159)
 
     def build(self):
+        """The :class:`FluxVAEAdapter` of this config (random init from ``config``, or ``pretrained``)."""
         return FluxVAEAdapter(self)
 
 
@@ -418,6 +431,8 @@ class FluxVAEAdapter(nn.Module):
         return next(self.vae.parameters()).dtype
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, H/f, W/f] = scaling·(posterior mean − shift) of pixels [B, 3, H, W] in [−1, 1]
+        (H, W multiples of f; deterministic: the posterior mean, as BAGEL encodes)."""
         if pixels.ndim != 4 or pixels.shape[1] != self.vae.config.in_channels:
             raise ValueError(f"pixels must be [B, {self.vae.config.in_channels}, H, W], got {tuple(pixels.shape)}")
         f = self.downsample
@@ -427,10 +442,12 @@ class FluxVAEAdapter(nn.Module):
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, h·f, w·f] (about [−1, 1], not clamped) of latents [B, C, h, w]; inverts :meth:`encode`."""
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
             raise ValueError(f"latent must be [B, {self.latent_channels}, h, w], got {tuple(latent.shape)}")
         z = latent.to(self._dtype()) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`encode`."""
         return self.encode(pixels)

@@ -67,9 +67,11 @@ class TimeSamplerConfig(ComponentConfig, slot="time_sampler"):
     """
 
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Training times of ``shape``, float32 in [0, 1], drawn from ``generator`` (on its device by default)."""
         raise NotImplementedError
 
     def build(self):
+        """The sampler itself (a config that is its own component)."""
         return self
 
 
@@ -106,16 +108,17 @@ class BetaTimeSampler(TimeSamplerConfig):
         t = BetaTimeSampler().sample((8,), generator=torch.Generator().manual_seed(0))
     """
 
-    alpha: float = 1.5
-    beta: float = 1.0
-    scale: float = 0.999
-    offset: float = 0.001
+    alpha: float = 1.5  # Beta's first shape parameter, > 0 (openpi pi0/pi0.5, ACoT: 1.5)
+    beta: float = 1.0  # Beta's second shape parameter, > 0 (openpi: 1.0)
+    scale: float = 0.999  # t = Beta·scale + offset: keeps t in [offset, offset + scale] (openpi: 0.999)
+    offset: float = 0.001  # smallest t, so the loss never sees pure data (openpi: 0.001)
 
     def __post_init__(self):
         if not (self.alpha > 0 and self.beta > 0):
             raise ValueError(f"Beta parameters must be > 0, got alpha={self.alpha}, beta={self.beta}")
 
     def sample(self, shape, generator=None, device=None) -> torch.Tensor:
+        """``Beta(alpha, beta)·scale + offset`` of ``shape`` (float32; drawn in float64)."""
         shape = _check_shape(shape)
         device = _gen_device(generator, device)
         if self.beta == 1.0:  # inverse CDF of Beta(a, 1): U^(1/a)
@@ -141,10 +144,9 @@ class LogitNormalTimeSampler(TimeSamplerConfig):
         t = LogitNormalTimeSampler(shift=3.0).sample(4)
     """
 
-    mean: float = 0.0
-    std: float = 1.0
-    shift: float = 1.0
-    numerics: Literal["torch", "jax"] = "torch"
+    mean: float = 0.0  # mean of the normal before the sigmoid (BAGEL/HALO: 0)
+    std: float = 1.0  # standard deviation of the normal, >= 0 (BAGEL/HALO: 1)
+    shift: float = 1.0  # time shift s·t / (1 + (s−1)·t) after the sigmoid, > 0 (1: none; BAGEL/HALO training: 1)
 
     def __post_init__(self):
         if not self.std >= 0:
@@ -153,6 +155,7 @@ class LogitNormalTimeSampler(TimeSamplerConfig):
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
     def sample(self, shape, generator=None, device=None) -> torch.Tensor:
+        """``shift_time(sigmoid(N(mean, std)), shift)`` of ``shape`` (float32)."""
         shape = _check_shape(shape)
         device = _gen_device(generator, device)
         n = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
@@ -165,14 +168,15 @@ class LogitNormalTimeSampler(TimeSamplerConfig):
 class UniformTimeSampler(TimeSamplerConfig):
     """``t ~ U(low, high)``. Example: ``UniformTimeSampler().sample((2, 3))``."""
 
-    low: float = 0.0
-    high: float = 1.0
+    low: float = 0.0  # lower bound of t, in [0, high]
+    high: float = 1.0  # upper bound of t, in [low, 1]
 
     def __post_init__(self):
         if not (0.0 <= self.low <= self.high <= 1.0):
             raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
 
     def sample(self, shape, generator=None, device=None) -> torch.Tensor:
+        """``U(low, high)`` of ``shape`` (float32)."""
         shape = _check_shape(shape)
         device = _gen_device(generator, device)
         u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
@@ -435,12 +439,17 @@ class FlowMatching:
         actions = fm.sample(lambda x, t: v(x, t), (B, H, D))
     """
 
+    # training-time sampler (a ``time_sampler`` component: beta | logit_normal | uniform; openpi: Beta(1.5, 1))
     time_sampler: TimeSamplerConfig = field(default_factory=BetaTimeSampler)
-    loss_kind: Literal["mse", "l1"] = "mse"
+    loss_kind: Literal["mse", "l1"] = "mse"  # mse: squared error (openpi, BAGEL images); l1: absolute (HALO actions)
+    # mean: plain mean over every element (openpi, padded dims included); token_mean: mean per token over channels,
+    # then over tokens (BAGEL/HALO)
     reduction: Literal["token_mean", "mean"] = "mean"
+    # Euler steps of the sampler, dt = −1/num_steps (openpi: 10); set to None when ``points`` is given
     num_steps: int | None = 10
-    points: int | None = None
-    shift: float = 1.0
+    points: int | None = None  # grid points linspace(1, 0, points), i.e. points − 1 Euler steps (BAGEL 50, HALO 10)
+    shift: float = 1.0  # time shift s·t / (1 + (s−1)·t) of the sampling grid (1: none; BAGEL image sampling: 3)
+    # time arithmetic: torch (float64 sin-cos embedding, float64 grid) or jax (openpi/ACoT: float32 embedding, t += dt)
     numerics: Literal["torch", "jax"] = "torch"
 
     def __post_init__(self):

@@ -136,10 +136,12 @@ class PositionEmbedding2D(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d_table(max_side, dim), requires_grad=False)
 
     def reset_parameters(self):
+        """Refill ``pos_embed`` with the fixed sincos table (it is not learned; e.g. after ``to_empty``)."""
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_table(self.max_side, self.dim))
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``[..., D]`` of the table for flattened ids ``h·max_side + w``; ``ValueError`` for ids outside it."""
         if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= self.max_side ** 2):
             raise ValueError(f"position ids must be in [0, {self.max_side ** 2}), got range "
                              f"[{int(position_ids.min())}, {int(position_ids.max())}]")
@@ -262,10 +264,12 @@ class FlowHead(nn.Module):
 
     @property
     def action_dim(self) -> int:
+        """The padded action width the head reads and writes."""
         return self.proj.action_dim
 
     @property
     def width(self) -> int:
+        """The width of the expert the head's tokens live in."""
         return self.proj.width
 
     def embed(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -102,9 +102,12 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mismatched."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
+        """Human-readable report: tensors matched, remapped, skipped, and every missing / unexpected / mismatched key.
+        """
         parts = [f"{len(self.loaded)} tensors matched in {self.source}"]
         if self.remapped:
             parts.append(f"{len(self.remapped)} remapped")
@@ -395,12 +398,14 @@ class Checkpoint:
                                              f"(e.g. {wrong[:5]}); save or download the model again")
 
     def keys(self) -> list[str]:
+        """The tensor names of the checkpoint."""
         return list(self.shapes)
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
 
     def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor; :class:`CorruptCheckpointError` names the file when it cannot be read."""
         path = self.files[key]
         try:
             return self._handles[path].get_tensor(key)
@@ -409,6 +414,7 @@ class Checkpoint:
                                          f"save or download it again") from e
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the checkpoint, read in full."""
         return {k: self.tensor(k) for k in self.keys()}
 
 
@@ -946,6 +952,7 @@ def push_to_hub(model_or_folder: nn.Module | str | os.PathLike, repo_id: str, *,
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_push_arguments(p):
+    """Options of ``vla-blocks push``."""
     p.add_argument("folder", help="a folder written by save_pretrained (or `vla-blocks convert`)")
     p.add_argument("repo_id", help="the Hub repo, org/name (created if missing)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
@@ -955,6 +962,8 @@ def add_push_arguments(p):
 
 
 def run_push(args) -> int:
+    """``vla-blocks push``: upload a saved model folder to a Hub repo and print its URL; a Hub error is one line on
+    stderr (exit 2)."""
     import sys
     try:
         files = check_folder(args.folder)

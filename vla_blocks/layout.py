@@ -39,6 +39,7 @@ class Part:
     valid: Sequence[bool] | torch.Tensor | bool = True
 
     def valid_tensor(self) -> torch.Tensor:
+        """The per-token validity of this part as a bool tensor ``[length]``."""
         if isinstance(self.valid, bool):
             return torch.full((self.length,), self.valid, dtype=torch.bool)
         v = torch.as_tensor(self.valid, dtype=torch.bool).reshape(-1)
@@ -91,10 +92,12 @@ class Segment:
     @classmethod
     def of(cls, mode: str, expert: str, length: int, label: str, rope: str = "sequential",
            valid: Sequence[bool] | torch.Tensor | bool = True) -> "Segment":
+        """A segment of one part: ``length`` tokens of ``expert`` labelled ``label``."""
         return cls(mode, [Part(expert, length, label, valid)], rope)
 
     @property
     def length(self) -> int:
+        """Number of tokens in the segment (sum over its parts)."""
         return sum(p.length for p in self.parts)
 
 
@@ -228,13 +231,16 @@ class Layout:
     # ------------------------------------------------------------------ shape
     @property
     def batch_size(self) -> int:
+        """Number of rows B."""
         return self.expert_id.shape[0]
 
     @property
     def seq_len(self) -> int:
+        """Tokens per row L (padding included)."""
         return self.expert_id.shape[1]
 
     def to(self, device) -> "Layout":
+        """This layout with every tensor moved to ``device``."""
         mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Layout(self.experts, mv(self.expert_id), mv(self.position_ids), mv(self.doc_id), mv(self.seg_id),
                       mv(self.seg_mode), mv(self.valid), {k: mv(v) for k, v in self.label_index.items()},
@@ -302,6 +308,8 @@ class Layout:
         return out
 
     def index(self, label: str) -> torch.Tensor:
+        """Flat indices (into the B·L tokens) of the tokens labelled ``label``; ``KeyError`` listing the labels
+        otherwise."""
         try:
             return self.label_index[label]
         except KeyError:
@@ -363,6 +371,8 @@ class Layout:
 
     # ------------------------------------------------------------------ mask
     def flags(self) -> torch.Tensor:
+        """Per-token mask flags ``[B, L]`` int32 for the attention kernels: ``FLAG_VALID`` | ``FLAG_BIDIR`` (full or
+        noise segment) | ``FLAG_NOISE``."""
         f = self.valid.int() * FLAG_VALID
         f = f + ((self.seg_mode == 1) | (self.seg_mode == 2)).int() * FLAG_BIDIR
         f = f + (self.seg_mode == 2).int() * FLAG_NOISE

@@ -89,6 +89,7 @@ class VLAModel(nn.Module):
 
     # -- lerobot-style inference API ------------------------------------------------------------
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
+        """An action chunk ``[B, H, A]`` for an observation batch (policies override this; plain models raise)."""
         raise NotImplementedError(f"{type(self).__name__} is not a policy")
 
     @torch.no_grad()
@@ -116,6 +117,7 @@ class VLAModel(nn.Module):
             return self._action_queue.popleft()
 
     def reset(self):
+        """Start a new episode: drop the queued actions of :meth:`select_action` (the batch size may change after)."""
         self._action_queue.clear()
         self.__dict__["_queue_batch_size"] = None
 
@@ -170,6 +172,7 @@ class VLAModel(nn.Module):
 
     # -- introspection --------------------------------------------------------------------------
     def num_parameters(self) -> int:
+        """Total number of parameter elements."""
         return sum(p.numel() for p in self.parameters())
 
     def demo_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict:
@@ -223,12 +226,16 @@ def _checked_entry(fn, mode: str):
 
 @dataclass
 class ModelRef:
+    """A parsed model reference: ``kind`` (``recipe``, ``hf-hub`` or ``local-dir``), ``target`` (recipe name/path,
+    ``org/name`` or folder) and the Hub ``revision``."""
     kind: str  # "recipe" | "hf-hub" | "local-dir"
     target: str
     revision: str | None = None
 
 
 def parse_model_ref(ref: str) -> ModelRef:
+    """Parse ``"NAME"`` / ``"path.yaml"``, ``"hf-hub:org/name[@revision]"`` or ``"local-dir:path"`` into a
+    :class:`ModelRef`; ``ConfigError`` on a malformed reference."""
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"model reference must be a non-empty string, got {ref!r}")
     if ref.startswith("hf-hub:"):

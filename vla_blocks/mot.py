@@ -95,6 +95,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        """``(normed x, None)``: RMS-normalised in fp32 (at least), times ``w`` (or ``1 + w`` for Gemma), in x's dtype;
+        ``cond`` is ignored (the signature of :class:`AdaRMSNorm`)."""
         dt = x.dtype
         xf = x.to(_acc(dt))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -119,6 +121,8 @@ class AdaRMSNorm(nn.Module):
         nn.init.zeros_(self.dense.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        """``(normed x, gate)``: with ``cond [B, C]`` (or broadcastable) ``x̂·(1 + scale) + shift`` and the residual
+        gate from ``dense(cond)``; without, ``x̂·(1 + w)`` and no gate."""
         dt = x.dtype
         xf = x.to(_acc(dt))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -130,6 +134,8 @@ class AdaRMSNorm(nn.Module):
 
 
 def make_norm(cfg: ExpertConfig, dim: int | None = None) -> nn.Module:
+    """The norm of an expert over ``dim`` (default its width): :class:`AdaRMSNorm` when it has ``adarms_cond_dim``, else
+    :class:`RMSNorm` in the family's convention."""
     dim = dim or cfg.hidden_size
     if cfg.adarms_cond_dim is not None:
         return AdaRMSNorm(dim, cfg.adarms_cond_dim, cfg.norm_eps)
@@ -147,6 +153,7 @@ class GatedFFN(nn.Module):
         self.act = act
 
     def forward(self, x):
+        """``down(act(gate(x)) · up(x))`` with SiLU or tanh-GELU."""
         g = self.gate_proj(x)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.down_proj(g * self.up_proj(x))
@@ -183,6 +190,8 @@ class Routing:
 
     @classmethod
     def from_layout(cls, layout: Layout) -> "Routing":
+        """The per-expert token indices of ``layout`` and the inverse permutation that merges them back (None when one
+        expert covers every token)."""
         idx = layout.expert_indices()
         B, N = layout.batch_size, layout.seq_len
         total = sum(v.numel() for v in idx.values())
@@ -231,6 +240,7 @@ class PassPlan:
     @classmethod
     def build(cls, layout: Layout, start: int = 0, meta: MaskMeta | None = None, *, head_dim: int,
               rope_theta: float) -> "PassPlan":
+        """The plan of a pass over ``layout``'s tokens from ``start`` (mask metadata computed unless given)."""
         sub = layout.tokens(start) if start else layout
         if meta is None:
             meta = layout.mask_meta(slice(start, layout.seq_len), slice(0, layout.seq_len))
@@ -258,6 +268,7 @@ class PrefixCache:
 
     @property
     def length(self) -> int:
+        """Number of cached prefix tokens P."""
         return self.keys[0].shape[2] if self.keys else 0
 
     def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], layout: Layout | None = None) -> "PrefixCache":
@@ -294,16 +305,20 @@ class PrefixCache:
         return buf
 
     def clone(self) -> "PrefixCache":
+        """A copy with cloned K/V tensors (appending to it leaves this cache unchanged)."""
         return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.layout)
 
 
 @dataclass
 class MoTOutput:
+    """A stack pass's result: per-expert hidden states, and the per-layer K/V ``[B, Hkv, N, d]`` when asked for
+    (``return_kv``)."""
     hidden: dict[str, torch.Tensor]
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
     def cache(self, layout: Layout | None = None) -> PrefixCache:
+        """The K/V of this pass as a :class:`PrefixCache` (for ``layout``) that suffix passes can read."""
         return PrefixCache(self.keys, self.values, layout)
 
 
@@ -341,6 +356,8 @@ class MoTLayer(nn.Module):
     def forward(self, hidden: dict[str, torch.Tensor], routing: Routing, meta: MaskMeta, cos: torch.Tensor,
                 sin: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cond: dict[str, torch.Tensor] | None = None):
+        """One decoder layer: per-expert norms and projections, one shared attention (after RoPE, against the prefix K/V
+        if given), per-expert output, residual and FFN. Returns ``(hidden, k, v)``, the K/V of this pass's tokens."""
         cfg = self.cfg
         B, N = routing.batch_size, routing.seq_len
         H, Hk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

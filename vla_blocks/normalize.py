@@ -105,6 +105,7 @@ class Normalizer(nn.Module):
 
     # -- statistics ---------------------------------------------------------------------------------
     def mode_of(self, key: str) -> str:
+        """The normalisation mode of ``key`` (its own from ``modes``, else the default ``mode``)."""
         return self.modes.get(key, self.mode)
 
     def keys(self) -> list[str]:
@@ -112,6 +113,7 @@ class Normalizer(nn.Module):
         return list(self._names)
 
     def has(self, key: str) -> bool:
+        """Whether ``key`` has statistics."""
         return key in self._names
 
     def _prefix(self, key: str) -> str:
@@ -163,6 +165,7 @@ class Normalizer(nn.Module):
         return self
 
     def remove(self, key: str):
+        """Drop the statistics of ``key`` (``KeyError`` if it has none)."""
         prefix = self._names.pop(key)
         for s in ALL_STATS:
             self._buffers.pop(f"{prefix}__{s}", None)
@@ -262,6 +265,7 @@ class Normalizer(nn.Module):
         return cls(mode, {k: compute_stats(v, key=k) for k, v in data.items()}, modes, eps)
 
     def extra_repr(self) -> str:
+        """The default mode and the keys with statistics (shown in ``repr``)."""
         return f"mode={self.mode}, keys={self.keys()}"
 
 

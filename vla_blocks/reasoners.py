@@ -100,6 +100,7 @@ class IARConfig(ComponentConfig, slot="iar"):
     """
 
     def build(self, depth: int, dim: int, output_dim: int, backbone_heads: int, backbone_head_dim: int) -> nn.Module:
+        """The extractor module: K, V ``[B, depth, T, dim]`` → ``[B, depth, output_dim]`` (one token per layer)."""
         raise NotImplementedError
 
 
@@ -110,13 +111,17 @@ class DownsampleIAR(IARConfig):
     ``downsample_dim`` space (None: dim/2, i.e. 128 for head_dim 256 → 8 heads of 16), projections shared per
     ``group_size`` layers, output ``out_proj`` → the action expert width."""
 
-    num_queries: int = 1
-    num_heads: int = 8
+    num_queries: int = 1  # learnable queries per LLM layer (upstream: 1)
+    num_heads: int = 8  # attention heads in the downsampled space (upstream: 8, of 16 dims each)
+    # width of the attention space the K/V are projected to (None: dim/2; upstream 128 for Gemma-2B's 256)
     downsample_dim: int | None = None
-    group_size: int = 3
+    group_size: int = 3  # consecutive LLM layers sharing one set of q/k/v/out projections (upstream: 3, 6 groups)
+    # false (upstream): attend over every prefix position, padding and masked cameras included;
+    # true: mask them (not behaviour-compatible with upstream weights)
     mask_padding: bool = False
 
     def build(self, depth, dim, output_dim, backbone_heads, backbone_head_dim):
+        """The :class:`DownsampleExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim`` per layer."""
         return DownsampleExtractor(dim, output_dim, depth, self.downsample_dim or dim // 2, self.group_size,
                                    self.num_queries, self.num_heads)
 
@@ -127,13 +132,17 @@ class LearnableQueryIAR(IARConfig):
     """Upstream ``LearnableQueryExtractor``: ``num_queries`` queries per layer (averaged), ``num_heads`` heads of
     ``head_dim`` (None: the backbone's, 8 × 256), projections shared per ``group_size`` layers."""
 
-    num_queries: int = 8
-    num_heads: int | None = None
-    head_dim: int | None = None
-    group_size: int = 3
+    num_queries: int = 8  # learnable queries per LLM layer, averaged into one token (upstream: 8)
+    num_heads: int | None = None  # attention heads (None: the backbone's, 8 for Gemma-2B)
+    head_dim: int | None = None  # dims per head (None: the backbone's, 256 for Gemma-2B)
+    group_size: int = 3  # consecutive LLM layers sharing one set of q/k/v/out projections (upstream: 3)
+    # false (upstream): attend over every prefix position, padding and masked cameras included;
+    # true: mask them (not behaviour-compatible with upstream weights)
     mask_padding: bool = False
 
     def build(self, depth, dim, output_dim, backbone_heads, backbone_head_dim):
+        """The :class:`LearnableQueryExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim``
+        per layer."""
         return LearnableQueryExtractor(self.num_queries, dim, output_dim, depth, self.num_heads or backbone_heads,
                                        self.head_dim or backbone_head_dim, self.group_size)
 
@@ -143,12 +152,16 @@ class LearnableQueryIAR(IARConfig):
 class AttentionPoolingIAR(IARConfig):
     """Upstream ``AttentionPoolingExtractor``: the query of layer l is the mean of its keys K_l."""
 
-    num_heads: int | None = None
-    head_dim: int | None = None
-    group_size: int = 3
+    num_heads: int | None = None  # attention heads (None: the backbone's, 8 for Gemma-2B)
+    head_dim: int | None = None  # dims per head (None: the backbone's, 256 for Gemma-2B)
+    group_size: int = 3  # consecutive LLM layers sharing one set of q/k/v/out projections (upstream: 3)
+    # false (upstream): attend over every prefix position, padding and masked cameras included;
+    # true: mask them (not behaviour-compatible with upstream weights)
     mask_padding: bool = False
 
     def build(self, depth, dim, output_dim, backbone_heads, backbone_head_dim):
+        """The :class:`AttentionPoolingExtractor` over ``depth`` layers of K/V width ``dim`` → ``output_dim``
+        per layer."""
         return AttentionPoolingExtractor(dim, output_dim, depth, self.num_heads or backbone_heads,
                                          self.head_dim or backbone_head_dim, self.group_size)
 
@@ -180,6 +193,7 @@ class _GroupedExtractor(nn.Module):
         self.out_proj = nn.ModuleList(nn.Linear(inner, output_dim) for _ in range(self.num_groups))
 
     def layer_groups(self, device=None) -> torch.Tensor:
+        """The projection group of each LLM layer, ``[depth]`` (layer l uses group l // group_size)."""
         return torch.arange(self.depth, device=device) // self.group_size
 
     def _per_layer(self, mods: nn.ModuleList, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,10 +266,13 @@ class DownsampleExtractor(_GroupedExtractor):
         self.query_params = nn.ParameterList(nn.Parameter(torch.randn(num_queries, dim)) for _ in range(depth))
 
     def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The learnable queries of every layer through their group's ``q_proj``: ``[1, L, Q, inner]``."""
         queries = torch.stack(list(self.query_params)).to(K.dtype)  # [L, Q, dim]
         return self._project(queries, self.q_proj)[None]  # [1, L, Q, inner]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K), K, V, key_mask))
 
@@ -270,10 +287,13 @@ class LearnableQueryExtractor(_GroupedExtractor):
         self.query_params = nn.ParameterList(nn.Parameter(torch.randn(num_queries, dim)) for _ in range(depth))
 
     def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The learnable queries of every layer through their group's ``q_proj``: ``[1, L, Q, inner]``."""
         queries = torch.stack(list(self.query_params)).to(K.dtype)
         return self._project(queries, self.q_proj)[None]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K), K, V, key_mask))
 
@@ -288,6 +308,8 @@ class AttentionPoolingExtractor(_GroupedExtractor):
         super().__init__(dim, num_heads * head_dim, output_dim, depth, group_size, num_heads)
 
     def queries(self, K: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean key of every layer (valid positions only with ``key_mask``) through ``q_proj``:
+        ``[B, L, 1, inner]``."""
         if key_mask is None:
             mean_k = K.mean(2, keepdim=True)
         else:
@@ -296,6 +318,8 @@ class AttentionPoolingExtractor(_GroupedExtractor):
         return self._project(mean_k, self.q_proj)  # [B, L, 1, inner]
 
     def forward(self, K: torch.Tensor, V: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefix ``K, V [B, L, T, dim]`` (``key_mask [B, T]``: valid positions, None = all)
+        → ``[B, L, output_dim]``."""
         self._check(K, V, key_mask)
         return self._output(self._attend(self.queries(K, key_mask), K, V, key_mask))
 
@@ -320,6 +344,7 @@ class UnifiedAttentionModule(nn.Module):
         self.apply_sigmoid = apply_sigmoid
 
     def forward(self, feat_1: torch.Tensor, feat_2: torch.Tensor) -> torch.Tensor:
+        """``feat_1 [B, Nq, in_dim_1]`` attends to ``feat_2 [B, Nk, in_dim_2]`` → ``[B, Nq, out_dim]``."""
         q = self.q_proj(feat_1)
         k, v = self.kv_proj(feat_2).chunk(2, dim=-1)
         o, _ = self.attn(q, k, v, need_weights=False)
@@ -339,6 +364,7 @@ class FusionMLP(nn.Module):
         self.activate = activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., input_dim]`` → ``[..., output_dim]`` through the three linear layers."""
         if self.activate:
             return self.fc3(F.silu(self.fc2(F.silu(self.fc1(x)))))
         return self.fc3(self.fc2(self.fc1(x)))

@@ -108,11 +108,15 @@ class TokenizerConfig:
     """Where the tokenizer comes from (see the module docstring). ``path``: a local Qwen2 checkpoint
     folder or ``tokenizer.json``; ``kind``: ``auto`` | ``qwen2`` | ``byte``."""
 
+    # local Qwen2/Qwen2.5 checkpoint folder or its tokenizer.json (HALO: Qwen2.5-1.5B's); None: none on disk
     path: str | None = None
+    # auto: Qwen2 at ``path`` when it exists, else byte-level; qwen2: ``path`` required; byte: offline byte-level
     kind: Literal["auto", "qwen2", "byte"] = "auto"
+    # special tokens added when missing, in this order (BAGEL/HALO chat, vision and action markers)
     special_tokens: list[str] = field(default_factory=lambda: list(SPECIAL_TOKENS))
 
     def build(self) -> "HaloTokenizer":
+        """The :class:`HaloTokenizer` this config selects (never downloads)."""
         if self.kind == "byte":
             return build_offline_tokenizer(special_tokens=self.special_tokens)
         if self.kind == "qwen2":
@@ -142,15 +146,18 @@ class HaloTokenizer:
         self.action_end_id = self.token_id("<|action_end|>")
 
     def token_id(self, token: str) -> int:
+        """The id of ``token``; ``KeyError`` naming the tokenizer's source when it has none."""
         i = self.tokenizer.token_to_id(token)
         if i is None:
             raise KeyError(f"token {token!r} is not in the tokenizer ({self.source})")
         return i
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens (the sequence plans place them)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids`` (special tokens dropped unless ``skip_special_tokens=False``)."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:
@@ -158,6 +165,7 @@ class HaloTokenizer:
 
     @property
     def max_id(self) -> int:
+        """The largest token id (added tokens included): the embedding needs ``max_id + 1`` rows."""
         return max(self.tokenizer.get_vocab(with_added_tokens=True).values())
 
     def save(self, path: str | Path):

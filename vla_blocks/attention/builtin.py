@@ -35,9 +35,12 @@ class SDPABackend(AttentionBackend):
     name = "sdpa"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """None: PyTorch SDPA runs every well-formed input (the fallback of ``auto``)."""
         return []
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention with ``F.scaled_dot_product_attention``: ``is_causal`` for a plain causal pass, else the dense mask
+        (rows with nothing to attend set to 0)."""
         k, v = inp.full_kv()
         gqa = inp.q.shape[1] != k.shape[1]
         if inp.prefix is None and inp.meta.is_plain_causal():
@@ -86,6 +89,8 @@ class FlexBackend(AttentionBackend):
     block_size = 128
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why FlexAttention cannot run these inputs (torch without it, device, no CPU backward, dtype, head_dim > 256);
+        empty when it can."""
         r = []
         try:
             import torch.nn.attention.flex_attention  # noqa: F401
@@ -104,11 +109,13 @@ class FlexBackend(AttentionBackend):
         return r
 
     def auto_skip_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Off CUDA FlexAttention runs unfused, so ``auto`` prefers sdpa there."""
         if inp.q.device.type != "cuda":
             return ["FlexAttention runs unfused (eager) off CUDA; sdpa is faster there"]
         return []
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention with FlexAttention and a block mask built from the mask metadata (empty rows give 0)."""
         k, v = inp.full_kv()
         bm = flex_block_mask(inp.meta, self.block_size)
         fn = _flex_fn(inp.q.device.type)

@@ -25,6 +25,9 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass
 class AttentionInputs:
+    """The inputs of one masked attention call: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``, the mask metadata, an
+    optional cached prefix ``(K, V)`` placed before ``k``/``v``, and the softmax scale (None: 1/√D)."""
+
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -34,10 +37,12 @@ class AttentionInputs:
 
     @property
     def needs_grad(self) -> bool:
+        """Whether autograd will need gradients of any input (some backends are forward-only)."""
         ts = [self.q, self.k, self.v] + (list(self.prefix) if self.prefix is not None else [])
         return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V with the prefix prepended along the sequence dim (``[B, Hkv, P + Nk, D]``)."""
         if self.prefix is None:
             return self.k, self.v
         kp, vp = self.prefix
@@ -65,9 +70,11 @@ class AttentionBackend:
     name: str = "?"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why this backend cannot run ``inp`` (empty list: it can); each reason names what is missing or wrong."""
         raise NotImplementedError
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """The attention output ``[B, Hq, Nq, D]`` (rows with nothing to attend are 0)."""
         raise NotImplementedError
 
     def auto_skip_reasons(self, inp: AttentionInputs) -> list[str]:
@@ -92,11 +99,13 @@ def register_backend(backend: AttentionBackend, before: str | None = "sdpa") -> 
 
 
 def backends() -> list[AttentionBackend]:
+    """The registered backends in the order ``auto`` tries them."""
     _ensure_builtin()
     return list(_BACKENDS)
 
 
 def get_backend(name: str) -> AttentionBackend:
+    """The backend named ``name``; ``KeyError`` with the closest name and the known ones otherwise."""
     for b in backends():
         if b.name == name:
             return b
@@ -108,6 +117,8 @@ def get_backend(name: str) -> AttentionBackend:
 
 
 def choose_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:
+    """The backend to run ``inp``: the named one (``BackendUnavailable`` with its reasons if it cannot), or under
+    ``auto`` the first that can and is not skipped (else every backend's reasons)."""
     common = inp.common_reasons()
     if common:
         raise ValueError("attention inputs are malformed: " + "; ".join(common))

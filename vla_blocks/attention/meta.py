@@ -47,6 +47,7 @@ class TileSummary:
     block_n: int
 
     def counts(self) -> dict[str, int]:
+        """Number of empty, partial and full tiles."""
         s = self.state
         return {"empty": int((s == TILE_EMPTY).sum()), "partial": int((s == TILE_PARTIAL).sum()),
                 "full": int((s == TILE_FULL).sum())}
@@ -113,21 +114,26 @@ class MaskMeta:
     # ------------------------------------------------------------------ basics
     @property
     def batch_size(self) -> int:
+        """Rows B."""
         return self.q_idx.shape[0]
 
     @property
     def q_len(self) -> int:
+        """Query tokens per row."""
         return self.q_idx.shape[1]
 
     @property
     def k_len(self) -> int:
+        """Key tokens per row (prefix included)."""
         return self.k_idx.shape[1]
 
     @property
     def device(self):
+        """The device of the metadata tensors."""
         return self.q_idx.device
 
     def to(self, device) -> "MaskMeta":
+        """This metadata on ``device`` (the per-batch cache is not carried over)."""
         return MaskMeta(*(getattr(self, n).to(device) for n in
                           ("q_idx", "q_doc", "q_seg", "q_flags", "k_idx", "k_doc", "k_seg", "k_flags")))
 
@@ -149,6 +155,7 @@ class MaskMeta:
                         ins(self.k_idx, 0), ins(self.k_doc, -1), ins(self.k_seg, -1), ins(self.k_flags, 0))
 
     def vectors(self) -> tuple[torch.Tensor, ...]:
+        """The eight per-token vectors (index, doc, segment, flags of queries, then of keys), each ``[B, N]``."""
         return (self.q_idx, self.q_doc, self.q_seg, self.q_flags, self.k_idx, self.k_doc, self.k_seg, self.k_flags)
 
     def cached(self, key, fn):

@@ -68,6 +68,7 @@ class VarlenPlan:
 
     @property
     def num_docs(self) -> int:
+        """Number of packed sequences (documents with at least one valid query)."""
         return len(self.seqlens_q)
 
     def pack_q(self, q: torch.Tensor) -> torch.Tensor:
@@ -236,16 +237,19 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why the Triton mask kernel cannot run these inputs (see :func:`vla_blocks.kernels.unsupported_reasons`)."""
         from vla_blocks.kernels import unsupported_reasons  # no triton import until a kernel runs
 
         return unsupported_reasons(inp.q, inp.k, inp.v, inp.meta, inp.prefix)
 
     def auto_skip_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Off CUDA the kernel runs in the Triton interpreter, so ``auto`` prefers sdpa there."""
         if inp.q.device.type != "cuda":
             return ["the Triton interpreter is slow (CPU tensors run under TRITON_INTERPRET=1); sdpa is faster here"]
         return []
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention with the Triton mask kernel (block-sparse over the mask metadata)."""
         from vla_blocks.kernels import mask_attention
 
         return mask_attention(inp.q, inp.k, inp.v, inp.meta, prefix=inp.prefix, scale=inp.scale)
@@ -257,6 +261,8 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why flash-attn cannot run these inputs (not installed, not CUDA, dtype, head size, a mask it cannot express);
+        empty when it can."""
         if not _installed("flash_attn"):
             return ["flash-attn is not installed (pip install 'vla-blocks[flash-attn]')"]
         r = _cuda_reasons(inp, "flash-attn")
@@ -275,6 +281,8 @@ class FlashAttnBackend(AttentionBackend):
         return r
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention with ``flash_attn_varlen_func`` over the documents of the mask packed into variable-length
+        sequences."""
         from flash_attn import flash_attn_varlen_func
 
         plan = varlen_plan(inp.meta)
@@ -294,6 +302,7 @@ class XformersBackend(AttentionBackend):
     name = "xformers"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why xformers cannot run these inputs (not installed, not CUDA, dtype, a broken build); empty when it can."""
         if not _installed("xformers"):
             return ["xformers is not installed (pip install 'vla-blocks[xformers]')"]
         r = _cuda_reasons(inp, "xformers")
@@ -308,6 +317,8 @@ class XformersBackend(AttentionBackend):
         return r
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention with xformers' memory-efficient kernel: block-diagonal over packed documents when the mask allows,
+        else a dense additive bias (kv heads repeated for grouped-query attention)."""
         from xformers.ops import fmha
 
         q = inp.q

@@ -107,38 +107,48 @@ class DatasetMeta:
 
     @property
     def version(self) -> str:
+        """The dataset's ``codebase_version`` (``v3.0`` or ``v2.1``)."""
         return self.info["codebase_version"]
 
     @property
     def fps(self) -> int:
+        """Frames per second of the recording (``info.json``)."""
         return int(self.info["fps"])
 
     @property
     def features(self) -> dict:
+        """The ``features`` mapping of ``info.json``: key -> dtype, shape, names."""
         return self.info["features"]
 
     @property
     def video_keys(self) -> list[str]:
+        """Features stored as videos (decoded from MP4)."""
         return [k for k, f in self.features.items() if f["dtype"] == "video"]
 
     @property
     def image_keys(self) -> list[str]:
+        """Features stored as images embedded in the parquet files."""
         return [k for k, f in self.features.items() if f["dtype"] == "image"]
 
     @property
     def camera_keys(self) -> list[str]:
+        """Every camera feature, video or image."""
         return [k for k, f in self.features.items() if f["dtype"] in CAMERA_DTYPES]
 
     @property
     def total_episodes(self) -> int:
+        """Number of episodes in the dataset."""
         return len(self.episodes["episode_index"])
 
     @property
     def total_frames(self) -> int:
+        """Number of frames over all episodes."""
         return int(np.sum(self.episodes["length"])) if self.total_episodes else 0
 
     @classmethod
     def load(cls, root: Path) -> "DatasetMeta":
+        """Read ``meta/`` of the dataset at ``root`` (v3.0 or v2.1 layout); ``ValueError`` naming a missing key or an
+        unsupported version."""
         info_path = root / "meta" / "info.json"
         info = json.loads(info_path.read_text())
         for k in ("codebase_version", "fps", "features"):
@@ -228,12 +238,14 @@ class DatasetMeta:
 
     # -- file paths ----------------------------------------------------------------------------------
     def data_file(self, ep: int) -> str:
+        """The parquet file (relative to the root) holding episode ``ep``'s frames."""
         if "_data_path" in self.episodes:
             return self.episodes["_data_path"][ep]
         return self.info["data_path"].format(chunk_index=self.episodes["data/chunk_index"][ep],
                                              file_index=self.episodes["data/file_index"][ep])
 
     def video_file(self, ep: int, key: str) -> str:
+        """The MP4 file (relative to the root) holding camera ``key`` of episode ``ep``."""
         if f"_video_path/{key}" in self.episodes:
             return self.episodes[f"_video_path/{key}"][ep]
         return self.info["video_path"].format(video_key=key, chunk_index=self.episodes[f"videos/{key}/chunk_index"][ep],
@@ -320,14 +332,17 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     @property
     def fps(self) -> int:
+        """Frames per second of the recording."""
         return self.meta.fps
 
     @property
     def features(self) -> dict:
+        """The dataset's feature specs (``info.json``)."""
         return self.meta.features
 
     @property
     def num_episodes(self) -> int:
+        """Number of episodes this dataset reads (the selected ones)."""
         return len(self.episodes)
 
     def __repr__(self) -> str:
@@ -489,6 +504,7 @@ class ShuffleSampler(torch.utils.data.Sampler):
         self.epoch, self.position = 0, 0
 
     def order(self, epoch: int) -> torch.Tensor:
+        """The visiting order of ``epoch``: ``randperm(n)`` seeded by ``seed + epoch`` (identity without shuffling)."""
         if not self.shuffle:
             return torch.arange(self.n)
         g = torch.Generator().manual_seed(self.seed + int(epoch))
@@ -507,6 +523,8 @@ class ShuffleSampler(torch.utils.data.Sampler):
         return self.n - self.position
 
     def state_dict(self, consumed: int | None = None) -> dict:
+        """``{seed, epoch, position, n}`` to resume from; ``consumed`` (samples the trainer has used) replaces the
+        position handed out so far."""
         pos = self.position if consumed is None else int(consumed)
         epoch = self.epoch
         if pos >= self.n:
@@ -514,6 +532,7 @@ class ShuffleSampler(torch.utils.data.Sampler):
         return {"seed": self.seed, "epoch": epoch, "position": pos, "n": self.n}
 
     def load_state_dict(self, state: Mapping):
+        """Resume from a :meth:`state_dict` (``ValueError`` if it was saved for another dataset size)."""
         if int(state.get("n", self.n)) != self.n:
             raise ValueError(f"sampler state is for {state['n']} samples, this dataset has {self.n}")
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
@@ -609,10 +628,12 @@ class LeRobotDatasetWriter:
 
     @property
     def user_keys(self) -> list[str]:
+        """The features given by the user (the default index/timestamp features excluded)."""
         return [k for k in self.features if k not in DEFAULT_FEATURES]
 
     @property
     def video_keys(self) -> list[str]:
+        """Features written as videos."""
         return [k for k, f in self.features.items() if f["dtype"] == "video"]
 
     # -- frames ----------------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ class PolicyProcessor:
         return self
 
     def eval(self) -> "PolicyProcessor":
+        """Switch to inference (no augmentation); returns self."""
         return self.train(False)
 
     def delta_timestamps(self, fps: int) -> dict[str, list[float]]:
@@ -320,6 +321,9 @@ class PolicyProcessor:
         return out
 
     def prompt(self, task: str, state: torch.Tensor | None) -> str:
+        """The pi0.5 prompt text of ``task`` (:func:`~vla_blocks.models.pi0.pi05_prompt`): with ``discrete_state``, the
+        task and the normalised state in 256 bins, ending in ``Action:``; else the cleaned task and a newline
+        (openpi's start-of-answer token)."""
         from ..models.pi0 import pi05_prompt
         if self.config.discrete_state:
             if state is None:

@@ -183,12 +183,14 @@ class StreamingStats:
         return x
 
     def update_range(self, x):
+        """Pass 1: widen min/max with a block of values ``[n, D]``."""
         x = self._as2d(x)
         if len(x):
             self.min = np.minimum(self.min, x.min(0))
             self.max = np.maximum(self.max, x.max(0))
 
     def update(self, x):
+        """Pass 2: add a block ``[n, D]`` to the histogram (over pass 1's range) and the running count/mean/M2."""
         x = self._as2d(x)
         n = len(x)
         if n == 0:
@@ -207,6 +209,8 @@ class StreamingStats:
         self.count = tot
 
     def result(self) -> dict[str, np.ndarray]:
+        """``min``, ``max``, ``mean``, ``std`` (population), ``count`` and the histogram quantiles of everything added.
+        """
         if self.count == 0:
             raise ValueError("no data")
         out = {"min": self.min.copy(), "max": self.max.copy(), "mean": self.mean.copy(),
@@ -247,6 +251,7 @@ def stats_to_json(stats: Mapping[str, Mapping[str, Any]]) -> dict:
 
 
 def stats_from_json(data: Mapping) -> dict[str, dict[str, np.ndarray]]:
+    """Statistics read back from JSON (key -> statistic -> array), the inverse of :func:`stats_to_json`."""
     return {k: {s: np.asarray(v) for s, v in st.items()} for k, st in data.items()}
 
 
@@ -278,6 +283,7 @@ def from_openpi(data: Mapping, key_map: Mapping[str, str] = OPENPI_KEYS) -> dict
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser):
+    """Options of ``vla-blocks stats``."""
     p.add_argument("dataset", help="dataset folder, local-dir:PATH or hf-hub:ORG/NAME[@REV]")
     p.add_argument("--out", default="normalization.json", help="output file (default: normalization.json)")
     p.add_argument("--format", choices=("lerobot", "openpi"), default="lerobot",
@@ -288,6 +294,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    """``vla-blocks stats``: compute a dataset's normalisation statistics and write them (lerobot or openpi layout)."""
     from .dataset import LeRobotDataset
     episodes = [int(e) for e in args.episodes.split(",")] if args.episodes else None
     ds = LeRobotDataset(args.dataset, episodes=episodes, decode_video=False)

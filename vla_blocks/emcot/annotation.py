@@ -28,6 +28,8 @@ class ReplyError(AnnotationError):
 
 @dataclass
 class SubtaskSpan:
+    """One subtask of an episode: its plan entry, frames ``start``..``end`` (inclusive) and the model's first-person
+    reasoning (optional)."""
     subtask: str
     start: int
     end: int  # inclusive
@@ -36,6 +38,8 @@ class SubtaskSpan:
 
 @dataclass
 class EpisodeAnnotation:
+    """The EM-CoT annotation of one episode: the plan (ordered subtasks), the spans covering every frame, an optional
+    scene description and the annotator that made it."""
     episode_index: int
     task: str
     num_frames: int
@@ -52,13 +56,16 @@ class EpisodeAnnotation:
         self.spans = [s if isinstance(s, SubtaskSpan) else SubtaskSpan(**s) for s in self.spans]
 
     def to_dict(self) -> dict:
+        """Plain data (JSON-ready) of this annotation."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpisodeAnnotation":
+        """The inverse of :meth:`to_dict`."""
         return cls(**d)
 
     def validate(self):
+        """Raise :class:`AnnotationError` listing every problem of the spans (see :func:`validate_spans`)."""
         problems = validate_spans(self.spans, self.num_frames, self.plan)
         if problems:
             raise AnnotationError(f"episode {self.episode_index}: " + "; ".join(problems))
@@ -132,5 +139,6 @@ def validate_spans(spans: Sequence[SubtaskSpan], num_frames: int, plan: Sequence
 
 
 def limit_words(text: str, n: int) -> str:
+    """``text`` cut to its first ``n`` words (HALO's reasoning limit is 50)."""
     words = text.split()
     return text.strip() if len(words) <= n else " ".join(words[:n])

@@ -58,6 +58,7 @@ class EpisodeInput:
 
     @property
     def num_frames(self) -> int:
+        """Number of frames T of the episode."""
         return int(self.states.shape[0])
 
     def content_hash(self) -> str:
@@ -68,6 +69,7 @@ class EpisodeInput:
         return h.hexdigest()
 
     def with_primitives(self, layout: StateLayout, cfg: PrimitiveConfig | None = None) -> "EpisodeInput":
+        """Fill ``primitives`` (stage A) from the states when missing; returns self."""
         if self.primitives is None:
             self.primitives = extract_primitives(self.states, layout, cfg)
         return self
@@ -82,13 +84,16 @@ class AnnotationCache:
 
     @staticmethod
     def key(episode: EpisodeInput, identity: Mapping) -> str:
+        """The cache key of an episode's content and the annotator's identity (settings, model, prompt version)."""
         blob = json.dumps({"episode": episode.content_hash(), **identity}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:
+        """The JSON file of cache entry ``key``."""
         return self.folder / f"{key}.json"
 
     def get(self, key: str) -> EpisodeAnnotation | None:
+        """The cached annotation of ``key``, or None; an unreadable entry is an error naming the file."""
         p = self.path(key)
         if not p.exists():
             return None
@@ -98,6 +103,7 @@ class AnnotationCache:
             raise AnnotationError(f"cache entry {p} is unreadable ({e}); delete it to re-annotate") from None
 
     def put(self, key: str, ann: EpisodeAnnotation):
+        """Store ``ann`` under ``key`` (written to a temporary file, then renamed)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path(key).with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps(ann.to_dict(), indent=1))
@@ -126,10 +132,13 @@ class RulesAnnotator:
         self.split_on = tuple(split_on)
 
     def identity(self) -> dict:
+        """What determines this annotator's output (its cache identity)."""
         return {"annotator": self.name, "templates": self.templates, "split_on": list(self.split_on),
                 "prompt_version": PROMPT_VERSION}
 
     def template_for(self, task: str) -> list[str] | None:
+        """The subtask template of ``task`` (exact, then case/punctuation-insensitive, then ``*``), with ``{task}``
+        filled in; None without one."""
         if task in self.templates:
             t = self.templates[task]
         else:
@@ -143,6 +152,8 @@ class RulesAnnotator:
         return sorted(c for c in cuts if 0 < c < prims.num_frames)
 
     def annotate(self, ep: EpisodeInput) -> EpisodeAnnotation:
+        """Annotate an episode without a model: the template's subtasks over the phases cut at gripper events
+        (grasp/release runs); ``AnnotationError`` when the template has more subtasks than phases."""
         if ep.primitives is None:
             raise AnnotationError(f"episode {ep.episode_index}: the rules annotator needs stage-A primitives")
         T = ep.num_frames
@@ -227,11 +238,13 @@ class OpenAIAnnotator:
         self.stats = {"requests": 0, "http_retries": 0, "repairs": 0}
 
     def identity(self) -> dict:
+        """What determines this annotator's output (its cache identity): model, prompt version and image settings."""
         return {"annotator": self.name, "model": self.model, "prompt_version": PROMPT_VERSION,
                 "max_images": self.max_images, "image_max_side": self.image_max_side, "scene": self.scene,
                 "temperature": self.temperature}
 
     def close(self):
+        """Close the HTTP client."""
         self._client.close()
 
     def _count(self, key: str):
@@ -314,6 +327,8 @@ class OpenAIAnnotator:
         return parts
 
     def plan_prompt(self, ep: EpisodeInput) -> str:
+        """The text of call 1 (planning): the task, frame count and the stage-A primitive log; asks for a JSON list of
+        subtasks."""
         log = "\n".join(ep.primitives.log_lines())
         return (
             "You analyse robot manipulation demonstrations. Break the demonstration below into its high-level "
@@ -335,6 +350,8 @@ class OpenAIAnnotator:
         )
 
     def align_prompt(self, ep: EpisodeInput, plan: Sequence[str]) -> str:
+        """The text of call 2 (alignment and reasoning): the plan and primitive log; asks for each subtask's frame span
+        and first-person reasoning as JSON."""
         steps = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(plan))
         log = "\n".join(ep.primitives.log_lines())
         return (
@@ -357,6 +374,7 @@ class OpenAIAnnotator:
         )
 
     def scene_prompt(self, ep: EpisodeInput) -> str:
+        """The text of the optional call 3: a short description of the first frame's scene."""
         return (
             f"This is the first frame of a robot demonstration of the task: {ep.task}\n"
             "Describe the scene in 1-2 sentences each on: the layout, the poses of the objects, the robot's "
@@ -369,6 +387,7 @@ class OpenAIAnnotator:
     # -------------------------------------------------------------- checks
     @staticmethod
     def check_plan(reply: str) -> list[str]:
+        """Parse call 1's reply into the plan (non-empty list of strings); :class:`ReplyError` says what is wrong."""
         value = parse_json_reply(reply, list)
         if not all(isinstance(s, str) for s in value):
             raise ReplyError("the plan must be a JSON list of strings")
@@ -378,6 +397,8 @@ class OpenAIAnnotator:
         return plan
 
     def check_alignment(self, reply: str, plan: Sequence[str], num_frames: int) -> list[SubtaskSpan]:
+        """Parse call 2's reply into spans that name plan entries and cover the episode (:func:`validate_spans`);
+        :class:`ReplyError` lists the problems."""
         value = parse_json_reply(reply, list)
         spans, problems = [], []
         for i, item in enumerate(value):
@@ -409,6 +430,8 @@ class OpenAIAnnotator:
 
     # -------------------------------------------------------------- the three calls
     def annotate(self, ep: EpisodeInput) -> EpisodeAnnotation:
+        """Annotate an episode with the served VLM: plan (call 1), alignment and reasoning (call 2), optional scene
+        (call 3), each reply checked and repaired."""
         if ep.primitives is None:
             raise AnnotationError(f"episode {ep.episode_index}: the openai annotator needs stage-A primitives")
         images = self._images(ep)
@@ -433,6 +456,8 @@ class AnnotationRun:
     cache_hits: int = 0
 
     def summary(self) -> dict:
+        """Counts of the run (episodes, annotated, failed, cache hits), subtasks per episode and each failure's reason.
+        """
         n = [len(a.spans) for a in self.annotations.values()]
         return {"episodes": len(self.annotations) + len(self.failures), "annotated": len(self.annotations),
                 "failed": len(self.failures), "cache_hits": self.cache_hits,

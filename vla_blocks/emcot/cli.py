@@ -24,6 +24,7 @@ from .samples import SIDECAR_DIR, frame_samples, write_sidecar
 
 
 def add_arguments(p: argparse.ArgumentParser):
+    """Options of ``vla-blocks annotate``."""
     p.add_argument("dataset", help="LeRobotDataset folder (or local-dir:path / hf-hub:org/name)")
     p.add_argument("--state-layout", required=True, metavar="JSON|FILE",
                    help='arms in the state vector: {"left": {"xyz": [0,1,2], "gripper": 6, "gripper_closed": 0, '
@@ -111,6 +112,8 @@ def load_episodes(ds, layout: StateLayout, moving_key: str, camera: str | None, 
 
 
 def run(args) -> int:
+    """``vla-blocks annotate``: primitives, subtask annotation (rules or an OpenAI-compatible VLM) and subgoals of a
+    dataset, written to its ``meta/emcot`` sidecar."""
     from ..data import LeRobotDataset
     layout = StateLayout.from_mapping(_load_mapping(args.state_layout, "--state-layout"))
     cfg = _primitive_config(args.primitive)

@@ -22,6 +22,13 @@ __all__ = ["EmcotHaloDataset"]
 
 
 class EmcotHaloDataset(torch.utils.data.Dataset):
+    """HALO EM-CoT training samples (:class:`~vla_blocks.models.halo.HaloSample`) of a dataset with a ``meta/emcot``
+    sidecar.
+
+    ``camera``: the camera key (its last ``history`` frames form the history); ``chunk_size``: actions per sample from
+    ``action_key``; ``train_only``: only the sidecar's training frames; ``with_thought`` / ``with_goal``: include the
+    thought text / the subgoal frame image."""
+
     def __init__(self, root: str | os.PathLike, camera: str, history: int = 3, chunk_size: int = 16,
                  action_key: str = "action", train_only: bool = True, with_thought: bool = True,
                  with_goal: bool = True):

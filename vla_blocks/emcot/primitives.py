@@ -64,12 +64,14 @@ class PrimitiveConfig:
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> "PrimitiveConfig":
+        """A config from a mapping; unknown keys are an error listing the valid ones."""
         unknown = sorted(set(m) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"primitive config: unknown keys {unknown} (valid: {sorted(cls.__dataclass_fields__)})")
         return cls(**dict(m))
 
     def to_dict(self) -> dict:
+        """Plain data of this config."""
         return asdict(self)
 
 
@@ -91,6 +93,8 @@ class ArmSpec:
             raise ValueError("ArmSpec.gripper_closed and gripper_open must differ")
 
     def openness(self, raw: np.ndarray) -> np.ndarray:
+        """Gripper openness (0 closed, 1 open) of raw gripper readings, linear between ``gripper_closed`` and
+        ``gripper_open``."""
         return (np.asarray(raw, dtype=np.float64) - self.gripper_closed) / (self.gripper_open - self.gripper_closed)
 
 
@@ -128,9 +132,11 @@ class StateLayout:
         return cls(arms, key)
 
     def to_dict(self) -> dict:
+        """Plain data of this layout (the ``--state-layout`` format)."""
         return {"key": self.key, "arms": {n: asdict(a) for n, a in self.arms.items()}}
 
     def check(self, state_dim: int):
+        """``ValueError`` naming any arm index outside a state vector of ``state_dim`` values."""
         for name, arm in self.arms.items():
             bad = [i for i in (*arm.xyz, arm.gripper) if not -state_dim <= i < state_dim]
             if bad:
@@ -245,6 +251,8 @@ class PrimitiveSegment:
 
 
 def run_segments(labels: Sequence[tuple[str, str]], sentences: Sequence[str]) -> list[PrimitiveSegment]:
+    """Merge per-frame ``(action, direction)`` labels into runs of consecutive equal labels (each keeps its first
+    frame's sentence)."""
     out: list[PrimitiveSegment] = []
     for t, (lab, sen) in enumerate(zip(labels, sentences)):
         if out and (out[-1].action, out[-1].direction) == tuple(lab) and out[-1].end == t - 1:

@@ -45,6 +45,8 @@ SIDECAR_VERSION = 1
 
 @dataclass
 class EmcotFrame:
+    """The EM-CoT sample of one frame: its subtask, plan, per-arm movement, the thought text and the subgoal frame
+    (``train``: whether HALO trains on it)."""
     episode_index: int
     frame_index: int
     subtask_index: int
@@ -171,6 +173,7 @@ class EmcotAnnotations:
 
     @property
     def failures(self) -> dict[str, str]:
+        """Episodes that failed annotation (episode index as a string -> reason)."""
         return self.info.get("failures", {})
 
     def __len__(self) -> int:
@@ -180,6 +183,8 @@ class EmcotAnnotations:
         return (int(key[0]), int(key[1])) in self._rows
 
     def frame(self, episode_index: int, frame_index: int) -> EmcotFrame:
+        """The :class:`EmcotFrame` of a frame; ``KeyError`` says why there is none (failed, not annotated, out of
+        range)."""
         key = (int(episode_index), int(frame_index))
         if key not in self._rows:
             why = (f"episode {key[0]} failed annotation: {self.failures[str(key[0])]}" if str(key[0]) in self.failures
@@ -190,8 +195,10 @@ class EmcotAnnotations:
         return EmcotFrame(**{k: self._table[k][i] for k in EmcotFrame.__dataclass_fields__})
 
     def training_frames(self) -> list[tuple[int, int]]:
+        """``(episode, frame)`` of every frame HALO trains on (from the first moving frame − 1)."""
         t = self._table
         return [(t["episode_index"][i], t["frame_index"][i]) for i in range(len(t["train"])) if t["train"][i]]
 
     def to_dict(self, episode_index: int, frame_index: int) -> dict:
+        """Plain data of :meth:`frame`."""
         return asdict(self.frame(episode_index, frame_index))

@@ -74,14 +74,15 @@ class ACoTConfig(ModelConfig, Pi0ConfigFields):
     - ``agp_num_heads``: heads of the AGP attention modules (4; hidden width = the action expert's).
     """
 
-    pi05: bool = True
-    action_horizon: int = 10
-    max_token_len: int = 200
+    pi05: bool = True  # ACoT builds on pi0.5 (adaRMS time conditioning, no state token)
+    action_horizon: int = 10  # actions per chunk H (ACoT LIBERO: 10)
+    max_token_len: int = 200  # prompt tokens (openpi pi0.5: 200)
     ear: EARConfig | None = field(default_factory=EARConfig)
     iar: IARConfig | None = field(default_factory=DownsampleIAR)
     agp_num_heads: int = 4
 
     def build(self) -> "ACoTVLA":
+        """The :class:`ACoTVLA` of this recipe (random init; weights come from a checkpoint or a converter)."""
         return ACoTVLA(self)
 
     @property
@@ -104,6 +105,7 @@ class ACoTVLA(Pi0Model):
                                         Field("coarse_noise", ("B", "E", "A"), modes=("train",), optional=True)])
 
     def batch_dims(self) -> dict:
+        """pi0's batch sizes plus the EAR's coarse horizon E (with an EAR)."""
         ear = self.config.ear
         return {**super().batch_dims(), **({"E": ear.horizon} if ear is not None else {})}
 
@@ -135,6 +137,7 @@ class ACoTVLA(Pi0Model):
             self.action_reasoning_fusion = FusionMLP(2 * W, W, W, activate=False)
 
     def expert_specs(self) -> dict[str, ExpertSpec]:
+        """The experts of the stack in upstream order: ``vlm``, ``ear`` (with an EAR), ``act``."""
         specs = super().expert_specs()
         if self.config.ear is None:
             return specs

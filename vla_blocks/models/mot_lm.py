@@ -28,12 +28,15 @@ from ..model import VLAModel
 class MoTLMConfig(ModelConfig):
     """``backbone`` builds the first expert; ``experts`` lists every expert (first = backbone expert)."""
 
-    backbone: BackboneConfig
+    backbone: BackboneConfig  # the LLM whose config and weights make the first expert (``hf_causal_lm``)
+    # the experts by name, in order; the first holds the backbone, the others derive from it (ExpertSpec)
     experts: dict[str, ExpertSpec] = field(default_factory=lambda: {"und": ExpertSpec()})
+    # attention backend of the MoT stack: auto (first that supports the pass), sdpa, flex, triton, flash_attn, xformers
     attention_backend: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory, one more forward
 
     def build(self) -> "MoTLM":
+        """The :class:`MoTLM` of this recipe (backbone weights imported into the first expert)."""
         return MoTLM(self)
 
 
@@ -53,6 +56,9 @@ def next_token_pairs(layout: Layout, label: str = "text") -> tuple[torch.Tensor,
 
 
 class MoTLM(VLAModel):
+    """A plain MoT language model (``mot_lm``): next-token CE on the text tokens of any layout, other labels given as
+    embeddings; greedy :meth:`generate` with the prefix cache."""
+
     def __init__(self, config: MoTLMConfig):
         super().__init__(config)
         self.lm = build_language_model(config.backbone, config.experts, config.attention_backend,
@@ -60,6 +66,7 @@ class MoTLM(VLAModel):
         self.experts = list(config.experts)
 
     def hidden_size(self, expert: str) -> int:
+        """Hidden width of ``expert``."""
         return self.lm.stack.cfg.experts[expert].hidden_size
 
     def forward(self, batch: dict):
@@ -92,6 +99,8 @@ class MoTLM(VLAModel):
         return Layout.from_samples(samples, e)
 
     def demo_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict:
+        """A random batch on :meth:`demo_layout`: text ids, and random embeddings for the image / noise tokens of the
+        other experts."""
         layout = self.demo_layout(batch_size)
         vocab = self.lm.embed_tokens.num_embeddings
         n_text = layout.index("text").numel()
@@ -124,5 +133,6 @@ class MoTLM(VLAModel):
         return torch.cat(generated)
 
     def demo_inference(self, batch: dict) -> dict:
+        """Greedy generation of 4 tokens from the demo batch's first 4 text ids."""
         ids = batch["input_ids"][:4]
         return {"generated_ids": self.generate(ids, max_new_tokens=4)}

@@ -85,20 +85,25 @@ class Pi0ConfigFields:
     backbone: BackboneConfig
     vision: VisionConfig
     action_expert: ExpertSpec = field(default_factory=lambda: ExpertSpec(init_from=None))
+    # pi0.5 mode: no state token (the state may enter the prompt as text, see the processor's discrete_state) and
+    # the action expert's norms are adaRMS-conditioned on the time; false: pi0 (a state token, and the time embedding
+    # concatenated to each action token through an MLP)
     pi05: bool = False
-    action_dim: int = 32
-    action_horizon: int = 50
-    max_token_len: int = 48
-    num_cameras: int = 3
-    state_dim: int | None = None
+    action_dim: int = 32  # padded action (and state) width A the model works in (openpi: 32)
+    action_horizon: int = 50  # actions per chunk H (openpi pi0/pi0.5: 50; ACoT LIBERO: 10)
+    max_token_len: int = 48  # prompt tokens, padded/truncated to this (openpi: 48 pi0, 200 pi0.5)
+    num_cameras: int = 3  # image slots of the prefix (openpi: 3: base, left wrist, right wrist); missing ones masked
+    state_dim: int | None = None  # width of pi0's state_proj input (None: action_dim, as openpi pads the state)
     flow: FlowMatching = field(default_factory=FlowMatching)
     normalization: Literal["zscore", "quantile"] = "zscore"
     n_action_steps: int | None = None
-    real_action_dim: int | None = None
+    real_action_dim: int | None = None  # action dims returned by inference (None: action_dim; LIBERO: 7)
+    # loss over the padded chunk (openpi: mean over all action_dim dims) or the real dims (lerobot; needs real_action_dim)
     loss_dims: Literal["padded", "real"] = "padded"
     freeze_vlm: bool = False
+    # attention backend of the MoT stack: auto (first that supports the pass), sdpa, flex, triton, flash_attn, xformers
     attention_backend: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory, one more forward
 
     def __post_init__(self):
         for name in ("action_dim", "action_horizon", "num_cameras"):
@@ -184,6 +189,7 @@ class Prefix:
 
     @property
     def length(self) -> int:
+        """Number of prefix tokens P (image tokens of every camera, then the text)."""
         return self.tokens.shape[1]
 
     @property
@@ -206,6 +212,7 @@ class Suffix:
 
     @property
     def spec(self) -> tuple[str, str, int, bool]:
+        """What fixes the layout of this suffix: ``(expert, label, horizon, has a state token)``."""
         return self.expert, self.label, self.tokens.shape[1], self.state is not None
 
 
@@ -244,6 +251,8 @@ class Pi0Model(VLAModel):
         Field("time", ("B",), range=(0.0, 1.0), modes=("train",), optional=True)])
 
     def batch_dims(self) -> dict:
+        """The sizes the batch schema binds: horizon H, padded action width A, state width, the largest token id and
+        whether a state token is used (pi0)."""
         c = self.config
         return {"H": c.action_horizon, "A": c.action_dim, "state_dim": c.state_dim or c.action_dim,
                 "max_id": self.language_model.embed_tokens.num_embeddings - 1, "state_token": not c.pi05}
@@ -290,10 +299,12 @@ class Pi0Model(VLAModel):
         return {VLM: ExpertSpec(), ACT: self._with_cond(self.config.action_expert, self._backbone_width())}
 
     def width(self, expert: str) -> int:
+        """Hidden width of ``expert`` in the stack."""
         return self.language_model.stack.cfg.experts[expert].hidden_size
 
     @property
     def stack(self):
+        """The :class:`~vla_blocks.mot.MoTStack` of the language model."""
         return self.language_model.stack
 
     def freeze_expert(self, expert: str, embeddings: bool = False):
@@ -306,6 +317,7 @@ class Pi0Model(VLAModel):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return self.multi_modal_projector.parameters().__next__().device
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -356,6 +368,7 @@ class Pi0Model(VLAModel):
         return self.flow_heads["actions"].embed_state(state.to(self.device))
 
     def pad_actions(self, x: torch.Tensor) -> torch.Tensor:
+        """Actions ``[B, H, a]`` zero-padded to ``[B, H, action_dim]`` (float32, on the model's device)."""
         return self.flow_heads["actions"].proj.pad(x.to(self.device, torch.float32))
 
     def head_suffix(self, label: str, x_t: torch.Tensor, t: torch.Tensor, state_tok: torch.Tensor | None = None,
@@ -523,6 +536,7 @@ class Pi0Model(VLAModel):
         }
 
     def demo_inference(self, batch: dict) -> dict:
+        """:meth:`infer` on a batch with a fixed generator (seed 0), for ``vla-blocks demo``."""
         g = torch.Generator().manual_seed(0)
         return self.infer(batch, generator=g)
 
@@ -539,4 +553,5 @@ class Pi0Config(ModelConfig, Pi0ConfigFields):
     """pi0 / pi0.5 recipe (type ``pi0``); the fields are documented in :class:`Pi0ConfigFields`."""
 
     def build(self) -> Pi0Model:
+        """The :class:`Pi0Model` of this recipe (random init; weights come from a checkpoint or a converter)."""
         return Pi0Model(self)

@@ -71,6 +71,7 @@ def load_processor(model, model_ref: str, layout):
 
 
 def add_arguments(p: argparse.ArgumentParser):
+    """Options of ``vla-blocks serve``."""
     p.add_argument("model", help="recipe name or path, local-dir:PATH, hf-hub:org/name[@rev], or a saved folder")
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
@@ -93,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    """``vla-blocks serve``: load the model (and its processor), then serve it over openpi's websocket protocol until
+    interrupted."""
     import json
 
     import torch

@@ -77,6 +77,7 @@ class PolicyClient:
         """Nothing to reset on the server (each request is independent); kept for the policy interface."""
 
     def close(self):
+        """Close the websocket connection."""
         self._ws.close()
 
     def __enter__(self):

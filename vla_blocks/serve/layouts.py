@@ -72,6 +72,9 @@ def lookup(obs: Mapping, key: str) -> Any:
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """Where an image is in a client's observation: ``key`` (``a/b`` walks nested dicts) and its ``layout`` (``hwc``,
+    ``chw`` or ``auto``: guessed from the shape)."""
+
     key: str              # observation key (``a/b`` walks nested dicts)
     layout: str = "auto"  # hwc | chw | auto
 
@@ -132,6 +135,8 @@ def to_chw_float(value, key: str, layout: str = "auto") -> np.ndarray:
 
 
 def to_vector(value, key: str) -> np.ndarray:
+    """The observation ``value`` at ``key`` as a finite float32 1-D vector (a scalar becomes one value);
+    :class:`ObservationError` names the key otherwise."""
     arr = _as_array(value, key)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -220,6 +225,8 @@ class ObservationLayout:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "layout") -> "ObservationLayout":
+        """A layout from a mapping (``name``, ``images``, ``state``, ``prompt``, ``state_dim``, ``optional_images``);
+        errors name ``where`` and the key."""
         if not isinstance(data, Mapping):
             raise ObservationError(f"{where}: a layout must be a mapping, got {type(data).__name__}")
         allowed = {"name", "images", "state", "prompt", "state_dim", "optional_images"}

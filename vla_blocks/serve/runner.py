@@ -85,6 +85,7 @@ class PolicyRunner:
     # -- description -------------------------------------------------------------------------------
     @property
     def layout_name(self) -> str:
+        """The observation layout's name, or ``batch`` when clients send model batches directly."""
         return self.layout.name if self.processor is not None else "batch"
 
     def spec(self) -> dict:
@@ -99,6 +100,8 @@ class PolicyRunner:
         return out
 
     def metadata(self) -> dict:
+        """What the server tells a client on connect: model, action horizon and dims, coarse horizon, layout, outputs.
+        """
         c = self.model.config
         outputs = ["actions"] + (["coarse_actions"] if self.coarse_horizon else []) + (["trace"] if self.is_halo else [])
         return {
@@ -204,6 +207,7 @@ class PolicyRunner:
         return out
 
     def collate(self, samples: list[dict]) -> dict:
+        """One model batch from per-client samples (through the processor, or stacked as they are)."""
         if self.processor is not None:
             return self.processor([dict(s) for s in samples])
         return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

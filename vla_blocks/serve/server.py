@@ -114,6 +114,7 @@ class PolicyServer:
         return self.port
 
     def stop(self, timeout: float = 10.0):
+        """Stop serving and wait up to ``timeout`` seconds for the server thread."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:

@@ -128,6 +128,7 @@ class Recording:
                 hook(getattr(m, attr), agp(name))
 
     def close(self):
+        """Remove the forward hooks this recording installed."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

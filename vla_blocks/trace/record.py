@@ -98,6 +98,7 @@ def _json_value(v: Any, path: str):
 
 
 def png_bytes(img: np.ndarray) -> bytes:
+    """PNG-encoded bytes of an image (any layout :func:`as_image` reads)."""
     from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(as_image(img), mode="RGB").save(buf, format="PNG")
@@ -105,6 +106,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def read_png(path: Path) -> np.ndarray:
+    """An RGB image file as uint8 ``[H, W, 3]``."""
     from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
@@ -165,6 +167,7 @@ class Trace:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trace":
+        """The inverse of :meth:`to_dict` (arrays and images inline); ``ValueError`` when it is not a trace."""
         if d.get("kind") != "trace":
             raise ValueError(f"not a trace dict (kind={d.get('kind')!r})")
         arrays = {k: np.asarray(v["data"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in d["arrays"].items()}
@@ -192,6 +195,7 @@ class Trace:
 
     @classmethod
     def load(cls, directory) -> "Trace":
+        """Read a trace folder written by :meth:`save` (``trace.json`` + ``.npy`` arrays + PNG images)."""
         root = Path(directory)
         d = _read_json(root / "trace.json", "trace")
         arrays = {k: np.load(root / rel, allow_pickle=False) for k, rel in d["arrays"].items()}
@@ -225,6 +229,7 @@ class StepRecord:
             self.success = bool(self.success)
 
     def to_dict(self) -> dict:
+        """Plain data of this step (frames, action, policy trace inline)."""
         return {"index": self.index,
                 "frames": {k: {"dtype": "uint8", "shape": list(a.shape), "data": a.tolist()}
                            for k, a in self.frames.items()},
@@ -243,6 +248,7 @@ class EpisodeTrace:
     success: bool | None = None
 
     def to_dict(self) -> dict:
+        """Plain data of the episode (every step inline)."""
         return {"kind": "episode", "schema": SCHEMA, "meta": _json_value(self.meta, "meta"), "success": self.success,
                 "steps": [s.to_dict() for s in self.steps]}
 
@@ -274,6 +280,8 @@ class EpisodeTrace:
 
     @classmethod
     def load(cls, directory) -> "EpisodeTrace":
+        """Read an episode folder written by :meth:`save` (``episode.json``, frames as PNG, one trace folder per step
+        with a policy trace)."""
         root = Path(directory)
         d = _read_json(root / "episode.json", "episode")
         steps = []
@@ -325,15 +333,18 @@ class TraceRecorder:
 
     @property
     def active(self) -> bool:
+        """Whether this recorder keeps anything (``mode`` is not ``none``)."""
         return self.mode != "none"
 
     def start_episode(self, **meta):
+        """Open a new episode with scalar ``meta`` (task, seed, ...); an error if one is still open."""
         if self.episode is not None:
             raise RuntimeError("start_episode called while an episode is open (call end_episode first)")
         self.episode = EpisodeTrace(meta=meta) if self.active else None
 
     def record_step(self, frames: dict | None = None, action=None, policy: Trace | None = None, reward=None,
                     success=None, **info) -> None:
+        """Append one step (frames, action, the policy's trace, reward, success, extra info) to the open episode."""
         if not self.active:
             return
         if self.episode is None:

@@ -67,6 +67,7 @@ def _real_dims(trace: Trace, a: np.ndarray) -> int:
 
 # ---------------------------------------------------------------------------------------------- plots
 def plot_chunk(actions: np.ndarray) -> str:
+    """An ``<img>`` tag (inline PNG) plotting each dimension of an action chunk ``[H, A]`` over its steps."""
     fig = _figure(5.5, 2.6)
     ax = fig.add_subplot()
     for d in range(actions.shape[-1]):
@@ -79,6 +80,8 @@ def plot_chunk(actions: np.ndarray) -> str:
 
 
 def plot_coarse_vs_final(coarse: np.ndarray, final: np.ndarray, stride: int) -> str:
+    """An ``<img>`` tag plotting, per action dimension, ACoT's coarse (EAR) trajectory (every ``stride`` steps) against
+    the final chunk."""
     A = min(coarse.shape[-1], final.shape[-1])
     rows, cols = _grid(A)
     fig = _figure(2.2 * cols, 1.7 * rows + 0.4)
@@ -156,6 +159,8 @@ def plot_iar(trace: Trace) -> str:
 
 
 def plot_agp(trace: Trace) -> str:
+    """An ``<img>`` tag of ACoT's action-guided prior: the explicit share per Euler step and action token, and the mean
+    norms of the explicit and implicit guidance per step."""
     share = trace.arrays.get("agp_explicit_share")
     fig = _figure(6.5, 2.4)
     if share is not None:
@@ -177,6 +182,7 @@ def plot_agp(trace: Trace) -> str:
 
 
 def plot_timings(timings: dict[str, float]) -> str:
+    """An ``<img>`` tag of the per-stage timings (seconds) as horizontal bars."""
     items = [(k, v) for k, v in timings.items() if k != "total"]
     fig = _figure(5.0, 0.35 * len(items) + 0.9)
     ax = fig.add_subplot()
@@ -210,6 +216,8 @@ def _reached_frames(ep: EpisodeTrace) -> dict[int, tuple[int, np.ndarray]]:
 
 
 def policy_panels(trace: Trace, reached: tuple[int, np.ndarray] | None = None) -> str:
+    """The HTML panels of one policy trace, chosen by its model (HALO reasoning and subgoal, ACoT coarse/AGP, chunks,
+    timings); ``reached``: ``(step, frame)`` of the frame the episode reached, shown beside the imagined subgoal."""
     a = trace.arrays
     parts = []
     if trace.model == "halo":
@@ -393,6 +401,7 @@ def export_rrd(obj: Trace | EpisodeTrace, path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser):
+    """Options of ``vla-blocks trace`` (subcommand ``view``)."""
     sub = parser.add_subparsers(dest="trace_command", metavar="{view}", required=True)
     v = sub.add_parser("view", help="render a trace or episode folder as one self-contained HTML file")
     v.add_argument("dir", help="a trace folder (trace.json) or an episode folder (episode.json)")
@@ -402,6 +411,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    """``vla-blocks trace view``: render a trace or episode folder as one self-contained HTML file (and a rerun
+    recording with ``--rrd``)."""
     try:
         obj = load(args.dir)
         out = Path(args.out) if args.out else Path(args.dir) / "report.html"

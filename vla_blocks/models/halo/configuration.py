@@ -54,9 +54,9 @@ def format_thought(plan: Sequence[str], subtask: str, left: str, right: str) -> 
 class HaloLossWeights:
     """``ce·CE + mse·MSE + l1·L1``, each term a global per-token mean."""
 
-    ce: float = 1.0
-    mse: float = 1.0
-    l1: float = 1.0
+    ce: float = 1.0  # weight of the next-token CE on the thought text (HALO stage 1: 0.25, stage 2: 1)
+    mse: float = 1.0  # weight of the subgoal-latent flow MSE (HALO stage 1: 0.5, stage 2: 1)
+    l1: float = 1.0  # weight of the action flow loss (L1 in HALO; stage 1 and 2: 1)
 
 
 def _default_stage_weights() -> dict[str, HaloLossWeights]:
@@ -76,9 +76,9 @@ class HaloCondDropout:
     image; a dropped text advances nothing. Inference differs, as BAGEL's inferencer does: its no-image CFG
     context is built from the text alone, so there the text starts at RoPE id 0."""
 
-    text: float = 0.0
-    vit: float = 0.0
-    vae: float = 0.0
+    text: float = 0.0  # probability that the prompt text is left out (BAGEL pre-training: 0.1)
+    vit: float = 0.0  # probability that a history ViT image is left out (BAGEL pre-training: 0.3)
+    vae: float = 0.0  # probability that a history VAE image is left out (BAGEL pre-training: 0.3)
 
 
 @dataclass
@@ -95,23 +95,27 @@ class HaloInferenceConfig:
     runs the EM-CoT chain with probability ``cot_prob`` and acts reactively otherwise (HALO's policy: 0.2).
     """
 
+    # emcot: reasoning text -> subgoal image -> action; reactive: action only; mixed: emcot with prob. cot_prob
     mode: Literal["emcot", "reactive", "mixed"] = "emcot"
-    cot_prob: float = 0.2
-    max_new_tokens: int = 1000
-    latent_points: int = 50
-    latent_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 2.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cot_prob: float = 0.2  # probability of the EM-CoT chain in ``mixed`` mode (HALO's policy: 0.2)
+    max_new_tokens: int = 1000  # most thought tokens decoded greedily before the subgoal (HALO: 1000)
+    latent_points: int = 50  # subgoal grid points linspace(1, 0, n): n − 1 Euler steps (BAGEL/HALO: 50)
+    latent_shift: float = 3.0  # time shift of the subgoal grid (BAGEL/HALO: 3.0)
+    cfg_text_scale: float = 4.0  # subgoal text-CFG scale (BAGEL/HALO: 4.0; ≤ 1 turns all guidance off)
+    cfg_img_scale: float = 2.0  # subgoal image-CFG scale, nested in text guidance (HALO/BAGEL editing: 2.0)
+    cfg_interval: tuple[float, float] = (0.4, 1.0)  # subgoal CFG applies while lo < t ≤ hi (BAGEL/HALO: [0.4, 1])
+    # renorm of the guided velocity: global (whole tensor), channel (per token), text_channel (BAGEL editing), none
     cfg_renorm: Literal["global", "channel", "text_channel", "none"] = "global"
-    cfg_renorm_min: float = 0.0
-    action_points: int = 10
-    action_cfg_text_scale: float = 6.0
-    action_cfg_img_scale: float = 6.0
-    action_cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_min: float = 0.0  # lower clamp of the renorm factor ‖v_cond‖/‖v_cfg‖ (BAGEL: 0)
+    action_points: int = 10  # action grid points, unshifted: n − 1 Euler steps (HALO: 10, i.e. 9 steps)
+    action_cfg_text_scale: float = 6.0  # action text-CFG scale (HALO: 6.0)
+    action_cfg_img_scale: float = 6.0  # action image-CFG scale (HALO: 6.0)
+    action_cfg_interval: tuple[float, float] = (0.4, 1.0)  # action CFG interval in EM-CoT mode (HALO: [0.4, 1])
+    # action CFG interval in reactive mode (HALO: [1, 1], which turns action CFG off)
     reactive_action_cfg_interval: tuple[float, float] = (1.0, 1.0)
-    action_cfg_renorm: Literal["global", "channel", "text_channel", "none"] = "global"
-    decode_scale: float = 1.0
+    action_cfg_renorm: Literal["global", "channel", "text_channel", "none"] = "global"  # as cfg_renorm, for actions
+    decode_scale: float = 1.0  # the sampled latent is divided by this before VAE decoding (HALO: 1.4; BAGEL: 1.0)
+    # also insert the decoded subgoal as a ViT image, as the training plan has it (HALO inserts only the latent)
     subgoal_vit: bool = True
 
 
@@ -134,41 +138,51 @@ class HaloConfig(ModelConfig):
     ``stage`` picks ``loss_weights[stage]``.
     """
 
-    backbone: BackboneConfig
-    vision: VisionConfig
-    vae: VAEConfig
+    backbone: BackboneConfig  # the LLM of the ``und`` expert (HALO: Qwen2.5-1.5B with q/k norm)
+    vision: VisionConfig  # the ViT tower (HALO: SigLIP so400m/14 NaViT, 26 layers)
+    vae: VAEConfig  # the image autoencoder of the subgoal latents (HALO: the FLUX VAE)
+    # the three experts in order: und (text + ViT, holds the backbone), gen (VAE latents), act (actions);
+    # ``act.ffn_ratio`` is HALO's action_expert_mlp_ratio (released: 1.0)
     experts: dict[str, ExpertSpec] = field(default_factory=lambda: {"und": ExpertSpec(), "gen": ExpertSpec(),
                                                                      "act": ExpertSpec(ffn_ratio=1.0)})
+    # token kind -> expert: text, vit, latent, action (text must go to the first expert, which has the LM head)
     roles: dict[str, str] = field(default_factory=lambda: {"text": "und", "vit": "und", "latent": "gen",
                                                            "action": "act"})
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    action_dim: int = 14
-    chunk_size: int = 16
-    n_action_steps: int | None = None
-    history_frames: int = 3
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # text tokenizer (HALO: Qwen2.5's + markers)
+    action_dim: int = 14  # action width (HALO RoboTwin aloha-agilex: 2 × (6 joints + gripper) = 14; raw joints)
+    chunk_size: int = 16  # actions per chunk, one token each (HALO RoboTwin: 16; real world: 50)
+    n_action_steps: int | None = None  # actions popped per chunk by ``select_action`` (None: the whole chunk)
+    history_frames: int = 3  # camera frames of history in each sample (HALO: 3 of cam_high)
+    # ViT features -> LLM width: mlp (BAGEL/HALO: fc1, GELU-tanh, fc2) or linear
     connector: Literal["mlp", "linear"] = "mlp"
-    vit_max_side: int = 70
+    vit_max_side: int = 70  # side of the ViT 2-D position table, in patches (BAGEL/HALO: 70); larger grids fail
+    # ViT input sizing: navit (the encoder's native-aspect patch budget) or bagel (BAGEL's ImageTransform rule)
     vit_resize: Literal["navit", "bagel"] = "navit"
-    vit_max_size: int = 980
-    vit_min_size: int = 378
-    image_max_pixels: int = BAGEL_MAX_PIXELS
-    max_latent_size: int = 64
-    latent_patch_size: int = 2
-    vae_max_side: int = 1024
-    vae_min_side: int = 512
+    vit_max_size: int = 980  # bagel ViT resize: longer side at most this many pixels (BAGEL: 980)
+    vit_min_size: int = 378  # bagel ViT resize: shorter side at least this many pixels (BAGEL: 378)
+    image_max_pixels: int = BAGEL_MAX_PIXELS  # bagel resize: cap on height·width, by the area ratio (BAGEL's max_pixels)
+    max_latent_size: int = 64  # side of the latent 2-D position table, in patches (HALO inference: 64; BAGEL: 32)
+    latent_patch_size: int = 2  # VAE latent patch p: one token per p×p latents, 16×16 pixels (BAGEL/HALO: 2)
+    vae_max_side: int = 1024  # longer side of a VAE input at most this many pixels (HALO: 1024)
+    vae_min_side: int = 512  # shorter side of a VAE input at least this many pixels (HALO: 512)
+    # training time sampler of the subgoal latents (BAGEL/HALO: logit-normal, shift 1)
     latent_time: TimeSamplerConfig = field(default_factory=LogitNormalTimeSampler)
+    # training time sampler of the actions (HALO: logit-normal, no shift)
     action_time: TimeSamplerConfig = field(default_factory=LogitNormalTimeSampler)
+    # additive: a time embedding added to every action token (HALO); adarms: pi0.5's adaRMS on the act expert's norms
     action_time_conditioning: Literal["additive", "adarms"] = "additive"
-    action_loss: Literal["l1", "mse"] = "l1"
-    stage: str = "pretrain"
+    action_loss: Literal["l1", "mse"] = "l1"  # action flow loss, mean over channels then action tokens (HALO: l1)
+    stage: str = "pretrain"  # training stage: the key of ``loss_weights`` in use (pretrain or emcot)
+    # loss weights per stage (HALO: pretrain 0.25 CE + 0.5 MSE + 1.0 L1; emcot 1 : 1 : 1)
     loss_weights: dict[str, HaloLossWeights] = field(default_factory=_default_stage_weights)
-    cond_dropout: HaloCondDropout = field(default_factory=HaloCondDropout)
-    prompt_template: str = PROMPT_TEMPLATE
-    freeze_vae: bool = True
-    freeze_vit: bool = False
+    cond_dropout: HaloCondDropout = field(default_factory=HaloCondDropout)  # training-time dropout of conditions
+    prompt_template: str = PROMPT_TEMPLATE  # the prompt text; ``{instruction}`` is the lower-cased task
+    freeze_vae: bool = True  # no gradients for the VAE, kept in eval mode (default: the VAE is not trained)
+    freeze_vit: bool = False  # no gradients for the ViT tower
+    # attention backend of the MoT stack: auto (first that supports the pass), sdpa, flex, triton, flash_attn, xformers
     attention_backend: str = "auto"
-    gradient_checkpointing: bool = False
-    inference: HaloInferenceConfig = field(default_factory=HaloInferenceConfig)
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory, one more forward
+    inference: HaloInferenceConfig = field(default_factory=HaloInferenceConfig)  # sampling and CFG settings
 
     def __post_init__(self):
         missing = [r for r in ROLES if r not in self.roles]
@@ -189,5 +203,6 @@ class HaloConfig(ModelConfig):
             raise ValueError("action_dim and chunk_size must be positive")
 
     def build(self) -> "HaloModel":
+        """The :class:`~vla_blocks.models.halo.HaloModel` of this recipe."""
         from .modeling import HaloModel
         return HaloModel(self)

@@ -53,16 +53,20 @@ class HaloContext:
 
     @property
     def segments(self) -> list[Segment]:
+        """The segments held, in order."""
         return [it.segment for it in self.items]
 
     @property
     def length(self) -> int:
+        """Number of cached tokens."""
         return 0 if self.cache is None else self.cache.length
 
     def sources(self) -> list[str]:
+        """``source:kind`` of each held segment (what the context contains, for traces)."""
         return [f"{it.source}:{it.kind}" for it in self.items]
 
     def layout(self, extra: Sequence[Segment] = ()) -> Layout:
+        """The batch-1 layout of the held segments followed by ``extra``."""
         return Layout.from_samples([self.segments + list(extra)], self.model.experts)
 
     def _run(self, layout: Layout, items: Sequence[ContextItem]):
@@ -122,6 +126,7 @@ class HaloContext:
         return out, plan.sub
 
     def clone(self, name: str) -> "HaloContext":
+        """A copy named ``name`` with its own copy of the cache (extending it leaves this context unchanged)."""
         c = HaloContext(self.model, name)
         c.items = list(self.items)
         c.cache = None if self.cache is None else self.cache.clone()
@@ -144,6 +149,8 @@ class HaloTrace:
     contexts: dict[str, HaloContext] = field(default_factory=dict)
 
     def summary(self) -> dict:
+        """Printable summary: mode, reasoning, subgoal image, actions, timings (s) and each context's length and
+        contents."""
         out = {"mode": self.mode}
         if self.mode == "emcot":
             out["reasoning"] = repr(self.reasoning)

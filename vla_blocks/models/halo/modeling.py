@@ -49,6 +49,7 @@ class HaloModel(HaloPlanner, VLAModel):
     batch_entry_points = {**VLAModel.batch_entry_points, "infer": "episode"}
 
     def batch_dims(self) -> dict:
+        """The sizes the batch schema binds: chunk length, action width A and the largest token id."""
         return {"chunk": self.config.chunk_size, "A": self.config.action_dim,
                 "max_id": self.lm.embed_tokens.num_embeddings - 1}
 
@@ -100,9 +101,11 @@ class HaloModel(HaloPlanner, VLAModel):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return self.lm.embed_tokens.weight.device
 
     def train(self, mode: bool = True):
+        """Set training mode; a frozen VAE (``freeze_vae``) stays in eval mode."""
         super().train(mode)
         if self.config.freeze_vae:
             self.vae.eval()
@@ -123,6 +126,7 @@ class HaloModel(HaloPlanner, VLAModel):
                                  c.image_max_pixels)
 
     def latent_grid(self, image: torch.Tensor) -> tuple[int, int]:
+        """The latent token grid (h, w) of an image once resized for the VAE (:meth:`vae_size`)."""
         H, W = _as_unit_chw(image).shape[-2:]
         h, w = self.vae_size(H, W)
         return h // self.latent_stride, w // self.latent_stride
@@ -140,6 +144,7 @@ class HaloModel(HaloPlanner, VLAModel):
         return navit_size(int(height), int(width), p, self.vit_model.max_num_patches)
 
     def vit_grid(self, image: torch.Tensor) -> tuple[int, int]:
+        """The ViT patch grid (h, w) of an image at native aspect ratio within the encoder's patch budget."""
         H, W = _as_unit_chw(image).shape[-2:]
         p = self.vit_model.patch_size
         th, tw = self.vit_size(H, W)
@@ -147,6 +152,7 @@ class HaloModel(HaloPlanner, VLAModel):
 
     # ------------------------------------------------------------------ embeddings
     def embed_text(self, ids) -> torch.Tensor:
+        """Token embeddings ``[n, D]`` of token ids (flattened)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         return self.lm.embed(ids)
 
@@ -174,6 +180,7 @@ class HaloModel(HaloPlanner, VLAModel):
 
     @property
     def connector_dtype(self):
+        """The dtype of the ViT connector's weights (ViT features are cast to it)."""
         return next(self.connector.parameters()).dtype
 
     @torch.no_grad()
@@ -203,6 +210,7 @@ class HaloModel(HaloPlanner, VLAModel):
         return out
 
     def latent_position_ids(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Flattened 2-D position ids ``[h·w]`` of a latent token grid (row-major, ``i·max_latent_size + j``)."""
         return self.latent_head.position_ids(grid[0], grid[1], device=self.device)
 
     def embed_latent(self, x: torch.Tensor, t: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
@@ -289,12 +297,14 @@ class HaloModel(HaloPlanner, VLAModel):
         return ContextItem(kind, source, segment, {"text": self.embed_text([start, end]), label: x}, [start, end])
 
     def text_item(self, ids: Sequence[int], source: str) -> ContextItem:
+        """A context item for text ``ids`` wrapped in ``<|im_start|>`` / ``<|im_end|>`` (one causal segment)."""
         tok = self.tokenizer
         full = [tok.bos_id] + list(ids) + [tok.eos_id]
         seg = Segment.of("causal", self.roles["text"], len(full), "text")
         return ContextItem("text", source, seg, {"text": self.embed_text(full)}, full)
 
     def vit_item(self, image: torch.Tensor, source: str) -> ContextItem:
+        """A context item for an image's ViT tokens between the vision markers (one full segment)."""
         x = self.embed_vit([image])
         seg = item_segment(PlanItem("vit", source, grid=(x.shape[0], 1)), self.roles)
         return self._marker_item("vit", source, seg, "vit", x, self.tokenizer.vision_start_id,
@@ -311,6 +321,8 @@ class HaloModel(HaloPlanner, VLAModel):
                                  self.tokenizer.vision_start_id, self.tokenizer.vision_end_id)
 
     def action_item(self, a_t: torch.Tensor, t: float) -> ContextItem:
+        """The noisy action chunk ``a_t [L, A]`` at time ``t`` as a context item between the action markers (a noise
+        segment, with its adaRMS condition when used)."""
         embeds, cond = self.embed_action(a_t[None].to(self.device), torch.full((1,), float(t), device=self.device))
         seg = item_segment(PlanItem("action", "action", chunk=a_t.shape[0]), self.roles)
         item = self._marker_item("action", "action", seg, "action", embeds["action"], self.tokenizer.action_start_id,
@@ -489,6 +501,7 @@ class HaloModel(HaloPlanner, VLAModel):
         return self.collate(samples)
 
     def demo_inference(self, batch: dict) -> dict:
+        """An EM-CoT inference call on the first demo sample (seed 0), summarised (:meth:`HaloTrace.summary`)."""
         s = batch["samples"][0]
         g = torch.Generator().manual_seed(0)
         return self.infer(s.history, s.instruction, mode="emcot", generator=g).summary()

@@ -32,6 +32,7 @@ class HaloSample:
 
     @property
     def mode(self) -> str:
+        """``emcot`` when the sample has a thought or a goal image, else ``reactive``."""
         return "emcot" if (self.thought is not None or self.goal is not None) else "reactive"
 
 
@@ -56,6 +57,7 @@ class PlanItem:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of this item with its two markers: text ids + 2, chunk + 2, or grid h·w + 2."""
         if self.kind == "skip":
             return 0
         if self.kind == "text":
