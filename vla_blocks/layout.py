@@ -117,6 +117,7 @@ class RopeSkip:
 
     @property
     def length(self) -> int:
+        """Tokens this construct adds to a sample: always 0 (it only advances RoPE)."""
         return 0
 
 

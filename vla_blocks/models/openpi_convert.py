@@ -240,12 +240,14 @@ class JaxTreeSource:
         self.shapes.update({k: self.raw_shapes[k] for k in self.unknown})
 
     def keys(self) -> list[str]:
+        """Entry names in PyTorch layout, plus the tree keys no rule maps (reported as unmapped)."""
         return list(self.shapes)
 
     def __contains__(self, key) -> bool:
         return key in self.shapes
 
     def tensor(self, key: str) -> torch.Tensor:
+        """The entry ``key`` as a torch tensor in PyTorch layout (transposed / reshaped from the JAX array)."""
         return torch.from_numpy(np.ascontiguousarray(self._entries[key].make(), dtype=np.float32))
 
     def key_map(self, experts: Mapping[str, str]) -> Callable[[str], "tuple[str | None, str | None]"]:

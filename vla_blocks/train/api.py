@@ -102,6 +102,7 @@ def train(ref: str | dict, overrides: dict | list[str] | None = None, *, output_
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p):
+    """Options of ``vla-blocks train RECIPE [KEY=VALUE ...]``."""
     p.add_argument("recipe", help="train recipe (recipes/train/NAME, a path) or model recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.steps=500 train.optimizer.lr=1e-4 data.root=./ds")
@@ -110,6 +111,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    """``vla-blocks train``: resolve the train recipe with the overrides, train, print where the run folder is; exit status."""
     res = train(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         last = res.history[-1] if res.history else {}

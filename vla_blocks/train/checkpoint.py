@@ -37,6 +37,7 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
 
 
 def rng_state() -> dict:
+    """This process's torch / Python / numpy (and CUDA) RNG states, for an exact resume."""
     import random
 
     import numpy as np
@@ -47,6 +48,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict):
+    """Restore RNG states saved by :func:`rng_state`."""
     import random
 
     import numpy as np
@@ -153,6 +155,8 @@ class Checkpointer:
         return None
 
     def load(self, ckpt: Path, app_state: dict) -> dict:
+        """Load the checkpoint folder ``path`` into ``app_state``; returns its train state (step, data
+        position, RNG)."""
         meta_f = ckpt / "meta.json"
         if not meta_f.is_file():
             raise FileNotFoundError(f"{meta_f} is missing (incomplete checkpoint)")

@@ -50,14 +50,15 @@ def _warmup(step: int, warmup_steps: int, peak: float) -> float:
 class ConstantSchedule(ScheduleConfig):
     """Linear warmup over ``warmup_steps``, then ``lr`` (``lr: null`` takes ``optimizer.lr``)."""
 
-    lr: float | None = None
-    warmup_steps: int = 0
+    lr: float | None = None  # the constant learning rate after warmup (null: optimizer.lr)
+    warmup_steps: int = 0  # optimizer steps of linear warmup from lr/(warmup+1) (optax's warmup), >= 0
 
     def __post_init__(self):
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def at(self, step: int, peak: float, total: int) -> float:
+        """Learning rate at optimizer step ``step`` (``peak``: ``optimizer.lr``; ``total``: the run's steps)."""
         peak = self.lr if self.lr is not None else peak
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps, peak)
@@ -70,10 +71,10 @@ class CosineSchedule(ScheduleConfig):
     """Linear warmup to the peak (``peak_lr``, or ``optimizer.lr`` when null), then a half cosine down to
     ``decay_lr`` reached at step ``decay_steps`` (the floor afterwards): openpi's ``CosineDecaySchedule``."""
 
-    warmup_steps: int = 0
-    peak_lr: float | None = None
-    decay_steps: int | None = None  # null: the run's total steps
-    decay_lr: float = 0.0
+    warmup_steps: int = 0  # optimizer steps of linear warmup to the peak, >= 0
+    peak_lr: float | None = None  # learning rate at the end of warmup (null: optimizer.lr)
+    decay_steps: int | None = None  # step at which the cosine reaches decay_lr (null: the run's total steps)
+    decay_lr: float = 0.0  # the floor: learning rate at and after decay_steps
 
     def __post_init__(self):
         if self.warmup_steps < 0:
@@ -82,6 +83,7 @@ class CosineSchedule(ScheduleConfig):
             raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
 
     def at(self, step: int, peak: float, total: int) -> float:
+        """Learning rate at optimizer step ``step`` (``peak``: ``optimizer.lr``; ``total``: the run's steps)."""
         peak = self.peak_lr if self.peak_lr is not None else peak
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps, peak)
@@ -95,10 +97,10 @@ class CosineSchedule(ScheduleConfig):
 class OpenPICosineSchedule(CosineSchedule):
     """openpi's default train schedule: warmup 1k steps to 2.5e-5, cosine to 2.5e-6 at 30k steps."""
 
-    warmup_steps: int = 1_000
-    peak_lr: float | None = 2.5e-5
-    decay_steps: int | None = 30_000
-    decay_lr: float = 2.5e-6
+    warmup_steps: int = 1_000  # openpi: 1k warmup steps
+    peak_lr: float | None = 2.5e-5  # openpi's peak learning rate
+    decay_steps: int | None = 30_000  # openpi: cosine to the floor over 30k steps
+    decay_lr: float = 2.5e-6  # openpi's floor
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -152,6 +154,7 @@ class CompileConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and their format (torch file or DCP directory)."""
     every: int = 1000          # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 3         # checkpoints kept (the oldest are deleted)
     format: Literal["auto", "torch", "dcp"] = "auto"  # auto: DCP when sharded (FSDP2/HSDP), else torch
@@ -163,6 +166,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """Metric records (``metrics.jsonl``, TensorBoard, W&B), the progress bar and the FLOP count."""
     every: int = 10                                     # steps between metric records
     progress: Literal["auto", "tqdm", "none"] = "auto"  # auto: a tqdm bar when stderr is a terminal
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when the tensorboard package is installed
@@ -173,6 +177,7 @@ class LogConfig:
 
 @dataclass
 class ValidationConfig:
+    """Periodic validation on held-out batches: flow loss and the error of sampled action chunks."""
     every: int = 0               # steps between validations (0: never)
     batches: int = 2             # held-out batches per validation
     sample_actions: bool = True  # also the action error of sampled chunks (predict_action_chunk)
@@ -196,6 +201,8 @@ class DistributedConfig:
 
 @dataclass
 class TrainConfig:
+    """The ``train:`` section of a recipe: steps, batch, optimizer, schedule, precision, EMA, freezing,
+    checkpoints, logging and distribution."""
     steps: int = 1000
     batch_size: int = 8                     # per device, per micro-batch
     grad_accum: int = 1
@@ -227,6 +234,7 @@ class TrainConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 
     def lr_at(self, step: int) -> float:
+        """The scheduled learning rate at optimizer step ``step``."""
         return self.schedule.at(step, self.optimizer.lr, self.steps)
 
 
@@ -261,6 +269,7 @@ class TrainRecipe:
     file: str | None = None
 
     def to_dict(self) -> dict:
+        """The resolved recipe as plain data (model, ``train`` and ``data`` sections), as written to the run folder."""
         out = encode(self.model)
         out["train"] = encode(self.train)
         if self.data is not None:
@@ -299,11 +308,13 @@ def load_train_recipe(ref: str | dict, overrides: dict | list[str] | None = None
 
 
 def train_recipe_dir():
+    """The folder of the shipped train recipes (``recipes/train/``)."""
     from ..config import recipe_dir
     return recipe_dir() / "train"
 
 
 def list_train_recipes() -> list[str]:
+    """Names of the shipped train recipes."""
     d = train_recipe_dir()
     return sorted(p.stem for p in d.iterdir() if p.suffix in (".yaml", ".yml")) if d.is_dir() else []
 

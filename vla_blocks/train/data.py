@@ -44,6 +44,7 @@ class DemoBatches:
         self.position = 0
 
     def batch(self, i: int) -> dict:
+        """Batch ``i`` of the stream (this rank's slice of the global batch), the same whenever it is asked for."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         b = self.make(batch_size=self.global_batch_size, generator=g)
         if self.extra is not None:
@@ -57,9 +58,11 @@ class DemoBatches:
             yield self.batch(i)
 
     def state_dict(self) -> dict:
+        """The stream position (a resumed run continues from the next batch)."""
         return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict):
+        """Continue the stream from a saved position."""
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))
 
@@ -117,9 +120,11 @@ class DatasetBatches:
             self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
+        """The sampler position (epoch, batches consumed) for an exact resume."""
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
 
     def load_state_dict(self, state: dict):
+        """Continue the dataset stream from a saved position."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.seed = int(state.get("seed", self.seed))
 

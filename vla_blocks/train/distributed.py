@@ -21,6 +21,7 @@ from .config import DistributedConfig
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: rank, world size, device and parallel strategy."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -31,14 +32,17 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (it logs, saves and prints)."""
         return self.rank == 0
 
     @property
     def sharded(self) -> bool:
+        """True when parameters are sharded (FSDP2 / HSDP): checkpoints are DCP directories."""
         return self.strategy in ("fsdp", "hsdp")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → this rank's CUDA device when available, else CPU; a bare ``cuda`` gets the local rank's index."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
@@ -123,6 +127,7 @@ def wrap_model(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precisi
 
 
 def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (the module itself otherwise)."""
     return module.module if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel) \
         else module
 
@@ -142,6 +147,7 @@ def full_tensor(t):
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean of scalar ``values`` over all ranks (the values themselves in one process)."""
     if info.world_size == 1 or not values:
         return values
     keys = sorted(values)
@@ -153,11 +159,13 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
 
 
 def barrier(info: DistInfo):
+    """Wait for every rank (no-op in one process)."""
     if info.world_size > 1 and dist.is_initialized():
         dist.barrier()
 
 
 def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (pickled; the object itself in one process)."""
     if info.world_size == 1:
         return obj
     box = [obj]

@@ -110,6 +110,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(batch, device: torch.device):
+    """Move the tensors of a (nested) batch to ``device``; other values pass through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -148,6 +149,7 @@ class MetricsLogger:
                                     dir=str(run_dir) if run_dir else None)
 
     def log(self, record: dict):
+        """Write one metrics record (JSONL, and TensorBoard / W&B when on)."""
         if self.f is not None:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
@@ -160,6 +162,7 @@ class MetricsLogger:
             self.wandb.log(scalars, step=step)
 
     def close(self):
+        """Flush and close the metric writers."""
         if self.f is not None:
             self.f.close()
         if self.tb is not None:
@@ -178,6 +181,7 @@ def _progress(cfg, total: int, initial: int, info: DistInfo):
 # ---------------------------------------------------------------------------------------------- engine
 @dataclass
 class TrainResult:
+    """What a training run returns: the last step, the run and final-model folders, the logged history."""
     step: int
     run_dir: Path | None
     final_dir: Path | None
@@ -248,6 +252,7 @@ class Trainer:
                 "ema": self.ema}
 
     def describe(self) -> str:
+        """One line: effective batch, strategy, device, precision and trainable parameters."""
         c, i = self.cfg, self.info
         eff = c.batch_size * i.world_size * c.grad_accum
         n_train = sum(p.numel() for _, p in self.trainable)
@@ -279,6 +284,7 @@ class Trainer:
         return st["checkpoint"]
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the full training state at the current step (atomic); returns its folder."""
         data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
         train_state = {"step": self.step, "consumed": self.consumed, "data": data_state,
                        "config": self.config_dict}
@@ -404,6 +410,8 @@ class Trainer:
         return it
 
     def fit(self, resume: bool | str | os.PathLike = False) -> TrainResult:
+        """Train to ``cfg.steps`` (after resuming from the newest checkpoint, or ``resume`` as a path); returns
+        a :class:`TrainResult`."""
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.seed + 7919 * info.rank)
         resumed = None
@@ -508,6 +516,7 @@ class Trainer:
         return dest
 
     def close(self):
+        """Close the metric writers and, if the engine created it, the process group."""
         import torch.distributed as dist
         if self.info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
