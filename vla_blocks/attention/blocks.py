@@ -9,8 +9,8 @@ here from the O(N) mask metadata, once per batch (cached on the :class:`MaskMeta
 2. **Query chunks.** A run longer than ``block_q`` is cut into chunks of at most ``block_q`` queries.
 3. **Key tiles.** Each chunk gets statistics like a tile's (min/max of position, document, segment, any/all
    valid, bidirectional, noise) and is classified against every ``block_k`` key tile with the same rule as
-   :meth:`MaskMeta.tile_summary`. The chunk reads the valid keys of its non-empty tiles only, gathered into
-   one contiguous block, so memory is chunk × reach, not N².
+   :meth:`MaskMeta.tile_summary`. The chunk reads only the valid keys of its own document in its non-empty
+   tiles, gathered into one contiguous block, so memory is chunk × reach, not N².
 4. **Masks.** A chunk whose tiles are all *full* needs no mask. Otherwise its mask is the formula evaluated
    on the gathered vectors (exact, ``[Lq, Lk]``), built on first use and cached. Rows that attend nothing
    inside their chunk attend nothing at all (the chunk holds every key they could see): they are opened in
@@ -103,8 +103,8 @@ def block_plan(meta: MaskMeta, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
                        lambda: _build_plan(meta, block_q, block_k, max_call_pairs))
 
 
-def _runs(meta: MaskMeta) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every run of valid queries of one document (in row order)."""
+def _runs(meta: MaskMeta) -> list[tuple[int, int, int, int]]:
+    """(row, start, end, document) of every run of valid queries of one document (in row order)."""
     qv = (meta.q_flags & FLAG_VALID) != 0
     rows, cols = torch.nonzero(qv, as_tuple=True)
     if rows.numel() == 0:
@@ -114,7 +114,7 @@ def _runs(meta: MaskMeta) -> list[tuple[int, int, int]]:
     brk[1:] = (rows[1:] != rows[:-1]) | (docs[1:] != docs[:-1])
     starts = torch.nonzero(brk).squeeze(-1)
     ends = torch.cat([starts[1:], starts.new_tensor([rows.numel()])]) - 1
-    return list(zip(rows[starts].tolist(), cols[starts].tolist(), (cols[ends] + 1).tolist()))
+    return list(zip(rows[starts].tolist(), cols[starts].tolist(), (cols[ends] + 1).tolist(), docs[starts].tolist()))
 
 
 def _chunk_stats(meta: MaskMeta, chunk_row: torch.Tensor, chunk_of: torch.Tensor, pos_row: torch.Tensor,
@@ -146,10 +146,11 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int)
     B, nq, nk = meta.batch_size, meta.q_len, meta.k_len
     dev = meta.device
     runs = _runs(meta)
-    chunks = []  # (row, start, end)
-    for r, a, e in runs:
+    chunks, chunk_doc = [], []  # (row, start, end), document
+    for r, a, e, doc in runs:
         for s in range(a, e, block_q):
             chunks.append((r, s, min(e, s + block_q)))
+            chunk_doc.append(doc)
     if not chunks:
         return BlockPlan([], B * nq * nk, 0, 0, 0, block_q, block_k)
     ct = torch.tensor(chunks, dtype=torch.int64, device=dev)
@@ -174,7 +175,7 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int)
             continue  # every query of the chunk attends nothing: its output stays 0
         kpos = tile_pos[live].reshape(-1)
         kpos = kpos[kpos < nk]
-        kpos = kpos[kvalid[r, kpos]]
+        kpos = kpos[kvalid[r, kpos] & (meta.k_doc[r, kpos] == chunk_doc[c])]  # chunks hold one document
         if kpos.numel() == 0:
             continue
         full = bool((st[live] == TILE_FULL).all())
