@@ -215,8 +215,9 @@ def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Ma
             o = o.masked_fill(empty[:, None, :, None], 0.0)
         outs.append(o.transpose(0, 1).reshape(hq, n * lq, dv))
         where.append(call.q_index)
-    if not outs:  # nothing attends anything: zeros that stay in the graph (zero gradient)
-        z = q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0.0)
-        return z if dv == d else q.new_zeros((B, hq, nq, dv))
+    if not outs:  # nothing attends anything: zeros that stay in q's, k's and v's graphs (zero gradients)
+        true = torch.ones((), dtype=torch.bool, device=q.device)
+        tied = k.masked_fill(true, 0.0).sum() + v.masked_fill(true, 0.0).sum()
+        return q.new_zeros((B, hq, nq, dv)) + q.masked_fill(true, 0.0).sum() + tied
     out = qf.new_zeros((hq, B * nq, dv)).index_copy(1, torch.cat(where), torch.cat(outs, 1))
     return out.view(hq, B, nq, dv).transpose(0, 1)
