@@ -187,12 +187,12 @@ def test_auto_chooses_blocks_for_packed_rows_and_dense_for_short_ones():
         reasons = dict(explain(inp))
         return choose_backend(inp).name, reasons["sdpa_blocks"]
 
-    packed = _packed_meta(9, pi0_sample(150, 20, 10))  # 9 documents of 181 tokens: 1629 tokens
+    packed = _packed_meta(4, pi0_sample(150, 20, 10))  # 4 documents of 181 tokens: 724 tokens
     name, why = choice(packed, grad=True)
     assert name == "sdpa_blocks" and why == []
-    name, why = choice(_packed_meta(1, pi0_sample(600, 50, 50)))  # one short document (701 tokens)
+    name, why = choice(_packed_meta(2, pi0_sample(150, 20, 10)))  # 362 tokens: 362² < 512²
     assert name == "sdpa" and "dense mask is small" in why[0]
-    name, why = choice(_packed_meta(1, pi0_sample(1300, 100, 50)))  # one long document: blocks save nothing
+    name, why = choice(_packed_meta(1, pi0_sample(900, 50, 50)))  # one 1001-token document: blocks save nothing
     assert name == "sdpa" and "no saving" in why[0]
     causal = Layout.from_samples([[Segment.of("causal", "und", 2048, "t")]], EXPERTS).mask_meta()
     name, why = choice(causal)

@@ -71,7 +71,7 @@ class SDPABlocksBackend(AttentionBackend):
     """
 
     name = "sdpa_blocks"
-    min_dense_pairs = 2 ** 21  # ≈ 1448² pairs: a 1k-token single row stays dense
+    min_dense_pairs = 2 ** 18  # 512² pairs: below, planning and several calls cost more than one dense call
     max_fraction = 0.5
     block_q = BLOCK_Q
     block_k = BLOCK_K
