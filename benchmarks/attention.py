@@ -30,6 +30,13 @@ filled by a proportionally scaled sample, then padding):
   prompt (34) and thought (50) causal text, the goal as noisy latent, clean latent and ViT image, then a
   16-step action chunk (noise) — several samples packed per row.
 
+Sections (``--set sections=sweep,scaling,sparse``, all by default): ``sweep`` is the backend × layout × S grid
+above; ``scaling`` the metadata build at 8k–32k; ``sparse`` the dense-mask ``sdpa`` path against ``sdpa_blocks``
+(per-document blocks, no N×N mask) and what ``auto`` runs, on one row per case (``--set
+sparse_cases=pi0@8192,halo@32768@fwd+bwd``): per-call time with the batch's mask/plan cached, the first call
+of a batch (builds them), and its peak memory growth. The dense path is not run where it would need more than
+``sparse_dense_max_gib`` (4 GiB on CPU).
+
 Run ``vla-blocks bench attention [--smoke] [--device cuda] [--set seq_lens=1024,2048 --set layouts=pi0,halo]``
 or ``python benchmarks/attention.py`` with the same flags.
 """
@@ -803,7 +810,8 @@ def summary_markdown(payload: dict) -> str:
     unit = "GFLOP/s" if cpu else "TFLOP/s"
     S, D, dt = _primary(payload)
     if S is None:
-        return "_no attention rows_"
+        sp = sparse_markdown(payload, compact=True)
+        return ("Dense mask vs per-document blocks (`sdpa` vs `sdpa_blocks`):\n\n" + sp) if sp else "_no attention rows_"
     rows = []
     for lay in [x for x in LAYOUTS if any(r.get("layout") == x for r in payload["rows"])]:
         for b in payload["backends"]:
