@@ -86,7 +86,8 @@ def _inputs(B, hq, hk, nq, nk, d, dtype, seed):
 
 
 def _run_blocks(q, k, v, meta, prefix_len, block):
-    """``sdpa_blocks`` through the dispatcher (default blocks) or the planner with small blocks (chunking)."""
+    """``sdpa_blocks`` through the dispatcher (default blocks) or the planner with small blocks (chunking; a third
+    entry 0 runs every contiguous chunk on slices of q, k, v instead of gathered batches)."""
     if block is None:
         if prefix_len:
             return attention(q, k[:, :, prefix_len:], v[:, :, prefix_len:], meta, backend="sdpa_blocks",
@@ -98,7 +99,7 @@ def _run_blocks(q, k, v, meta, prefix_len, block):
 # ------------------------------------------------------------------------------------------ vs the oracle
 @settings(max_examples=60, deadline=None)
 @given(packed_layouts(), st.sampled_from(["self", "prefix", "cross"]), st.floats(0.1, 0.9),
-       st.sampled_from([(4, 4), (4, 2), (4, 1)]), st.sampled_from([None, (16, 8), (7, 3), (64, 16)]),
+       st.sampled_from([(4, 4), (4, 2), (4, 1)]), st.sampled_from([None, (16, 8, 0), (7, 3), (64, 16, 0), (64, 16)]),
        st.integers(0, 10_000))
 def test_blocks_match_oracle_fp32_forward_backward(layout, form, cut, heads, block, seed):
     meta, qs, ks, pre = pass_form(layout, form, cut)
@@ -120,7 +121,7 @@ def test_blocks_match_oracle_fp32_forward_backward(layout, form, cut, heads, blo
 
 
 @settings(max_examples=25, deadline=None)
-@given(packed_layouts(), st.sampled_from([torch.float16, torch.bfloat16]), st.sampled_from([None, (16, 8)]),
+@given(packed_layouts(), st.sampled_from([torch.float16, torch.bfloat16]), st.sampled_from([None, (16, 8), (16, 8, 0)]),
        st.integers(0, 10_000))
 def test_blocks_half_precision_within_twice_dense_error(layout, dtype, block, seed):
     """fp16/bf16: error against the fp64 oracle at most 2× that of the dense sdpa path in the same dtype."""
@@ -157,6 +158,8 @@ def test_plan_reads_documents_and_tiles_only():
     same = [c for c in plan.calls if c.n == 3]
     assert len(same) == 1 and same[0].lq == lens[0]  # the identical pi0 documents run as one batched call
     assert plan.issued_pairs < 0.5 * plan.dense_pairs
+    views = [c for c in block_plan(meta, 64, 16, view_min_pairs=0).calls if c.view is not None]
+    assert views and all(c.n == 1 for c in views)  # contiguous chunks can run on slices (no gather)
     big = Layout.from_samples([[Segment.of("full", "und", 128, "img"), Segment.of("causal", "und", 64, "t")]], EXPERTS)
     p = block_plan(big.mask_meta(), 32, 32)
     fulls = [c for c in p.calls if c.full]

@@ -35,6 +35,7 @@ from .meta import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, TILE_EMPTY, TILE_FULL, Mas
 BLOCK_Q = 1024
 BLOCK_K = 64
 MAX_CALL_PAIRS = 2 ** 24
+VIEW_MIN_PAIRS = 2 ** 16  # chunks this large run alone on slices of q, k, v; smaller ones are gathered and batched
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BlockCall:
     lq: int
     lk: int
     full: bool  # every (q, k) of every chunk is allowed: no mask
+    view: tuple[int, int, int] | None = None  # (row, first query, first key): one chunk over a contiguous key range
     _mask: tuple | None = field(default=None, repr=False)
 
     def mask(self, meta: MaskMeta) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -55,9 +57,15 @@ class BlockCall:
             return None, None
         if self._mask is None:
             qi, ki = self.q_index.view(self.n, self.lq), self.k_index.view(self.n, self.lk)
-            qs = [t.reshape(-1)[qi][:, :, None] for t in (meta.q_idx, meta.q_doc, meta.q_seg, meta.q_flags)]
-            ks = [t.reshape(-1)[ki][:, None, :] for t in (meta.k_idx, meta.k_doc, meta.k_seg, meta.k_flags)]
-            m = allowed_pairs(*qs, *ks)
+            q_idx, q_seg, q_flags = (t.reshape(-1)[qi][:, :, None] for t in (meta.q_idx, meta.q_seg, meta.q_flags))
+            k_idx, k_seg, k_flags = (t.reshape(-1)[ki][:, None, :] for t in (meta.k_idx, meta.k_seg, meta.k_flags))
+            # the formula, knowing every gathered key is valid and of the chunk's document (in-place: few temporaries)
+            same = q_seg == k_seg
+            m = k_idx <= q_idx
+            m |= same & ((q_flags & FLAG_BIDIR) != 0)
+            m &= same | ((k_flags & FLAG_NOISE) == 0)
+            m &= (q_flags & FLAG_VALID) != 0
+            del same
             empty = ~m.any(-1)
             if bool(empty.any()):
                 m |= empty[:, :, None]
@@ -95,12 +103,12 @@ class BlockPlan:
 
 
 def block_plan(meta: MaskMeta, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-               max_call_pairs: int = MAX_CALL_PAIRS) -> BlockPlan:
+               max_call_pairs: int = MAX_CALL_PAIRS, view_min_pairs: int = VIEW_MIN_PAIRS) -> BlockPlan:
     """The :class:`BlockPlan` of ``meta`` (cached per batch; O(N) plus O(chunks × N / block_k))."""
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1 (got {block_q}, {block_k})")
-    return meta.cached(("block_plan", block_q, block_k, max_call_pairs),
-                       lambda: _build_plan(meta, block_q, block_k, max_call_pairs))
+    return meta.cached(("block_plan", block_q, block_k, max_call_pairs, view_min_pairs),
+                       lambda: _build_plan(meta, block_q, block_k, max_call_pairs, view_min_pairs))
 
 
 def _runs(meta: MaskMeta) -> list[tuple[int, int, int, int]]:
@@ -142,7 +150,7 @@ def _chunk_stats(meta: MaskMeta, chunk_row: torch.Tensor, chunk_of: torch.Tensor
     return st
 
 
-def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int) -> BlockPlan:
+def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int, view_min_pairs: int) -> BlockPlan:
     B, nq, nk = meta.batch_size, meta.q_len, meta.k_len
     dev = meta.device
     runs = _runs(meta)
@@ -167,6 +175,7 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int)
     mk = state.shape[1]
     tile_pos = torch.arange(mk * block_k, device=dev).view(mk, block_k)
     groups: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    calls = []
     lens_l = lens.tolist()
     for c, (r, a, e) in enumerate(chunks):
         st = state[c]
@@ -180,8 +189,12 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int)
             continue
         full = bool((st[live] == TILE_FULL).all())
         qidx = r * nq + torch.arange(a, e, device=dev)
-        groups.setdefault((lens_l[c], kpos.numel(), full), []).append((qidx, r * nk + kpos))
-    calls = []
+        k0, lk = int(kpos[0]), kpos.numel()
+        if lens_l[c] * lk >= view_min_pairs and int(kpos[-1]) - k0 + 1 == lk:
+            # a large chunk over one key range: slices of q, k, v (no gather copy), its own call
+            calls.append(BlockCall(qidx, r * nk + kpos, 1, lens_l[c], lk, full, view=(r, a, k0)))
+            continue
+        groups.setdefault((lens_l[c], lk, full), []).append((qidx, r * nk + kpos))
     for (lq, lk, full), items in groups.items():
         per_call = max(1, max_call_pairs // (lq * lk))
         for i in range(0, len(items), per_call):
@@ -194,30 +207,40 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int)
 
 def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: MaskMeta, plan: BlockPlan,
                      scale: float | None = None) -> torch.Tensor:
-    """Masked attention by the calls of ``plan``; ``[B, Hq, Nq, Dv]``, rows that attend nothing are 0."""
+    """Masked attention by the calls of ``plan``; ``[B, Hq, Nq, Dv]``, rows that attend nothing are 0.
+
+    The result is a ``[B, Nq, Hq, Dv]`` buffer seen as ``[B, Hq, Nq, Dv]`` (so ``out.transpose(1, 2)`` is
+    contiguous); each call writes its rows into it, and rows no call covers stay 0."""
     B, hq, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     gqa = hq != hk
-    # [H, B·N, D]: a view for B == 1, one O(N) copy otherwise
-    qf = q.transpose(0, 1).reshape(hq, B * nq, d)
-    kf = k.transpose(0, 1).reshape(hk, B * nk, d)
-    vf = v.transpose(0, 1).reshape(hk, B * nk, dv)
-    outs, where = [], []
+    if not plan.calls:  # nothing attends anything: zeros that stay in q's, k's and v's graphs (zero gradients)
+        true = torch.ones((), dtype=torch.bool, device=q.device)
+        tied = k.masked_fill(true, 0.0).sum() + v.masked_fill(true, 0.0).sum()
+        return q.new_zeros((B, hq, nq, dv)) + q.masked_fill(true, 0.0).sum() + tied
+    out = q.new_zeros((B, nq, hq, dv))
+    flat = None
     for call in plan.calls:
         n, lq, lk = call.n, call.lq, call.lk
-        qq = qf.index_select(1, call.q_index).view(hq, n, lq, d).transpose(0, 1)
-        kk = kf.index_select(1, call.k_index).view(hk, n, lk, d).transpose(0, 1)
-        vv = vf.index_select(1, call.k_index).view(hk, n, lk, dv).transpose(0, 1)
         mask, empty = call.mask(meta)
+        if call.view is not None:
+            r, a, k0 = call.view
+            qq, kk, vv = q[r:r + 1, :, a:a + lq], k[r:r + 1, :, k0:k0 + lk], v[r:r + 1, :, k0:k0 + lk]
+        else:
+            if flat is None:  # [H, B·N, D]: a view for B == 1, one O(N) copy otherwise
+                flat = (q.transpose(0, 1).reshape(hq, B * nq, d), k.transpose(0, 1).reshape(hk, B * nk, d),
+                        v.transpose(0, 1).reshape(hk, B * nk, dv))
+            qf, kf, vf = flat
+            qq = qf.index_select(1, call.q_index).view(hq, n, lq, d).transpose(0, 1)
+            kk = kf.index_select(1, call.k_index).view(hk, n, lk, d).transpose(0, 1)
+            vv = vf.index_select(1, call.k_index).view(hk, n, lk, dv).transpose(0, 1)
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=None if mask is None else mask[:, None],
                                            scale=scale, enable_gqa=gqa)
         if empty is not None:
             o = o.masked_fill(empty[:, None, :, None], 0.0)
-        outs.append(o.transpose(0, 1).reshape(hq, n * lq, dv))
-        where.append(call.q_index)
-    if not outs:  # nothing attends anything: zeros that stay in q's, k's and v's graphs (zero gradients)
-        true = torch.ones((), dtype=torch.bool, device=q.device)
-        tied = k.masked_fill(true, 0.0).sum() + v.masked_fill(true, 0.0).sum()
-        return q.new_zeros((B, hq, nq, dv)) + q.masked_fill(true, 0.0).sum() + tied
-    out = qf.new_zeros((hq, B * nq, dv)).index_copy(1, torch.cat(where), torch.cat(outs, 1))
-    return out.view(hq, B, nq, dv).transpose(0, 1)
+        o = o.transpose(1, 2)  # [n, lq, H, Dv]
+        if call.view is not None:
+            out[r, a:a + lq] = o[0]
+        else:
+            out.view(B * nq, hq, dv).index_copy_(0, call.q_index, o.reshape(n * lq, hq, dv))
+    return out.transpose(1, 2)
