@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .meta import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, TILE_EMPTY, TILE_FULL, MaskMeta, allowed_pairs, classify_tiles
+from .meta import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, TILE_EMPTY, TILE_FULL, MaskMeta, classify_tiles
 
 BLOCK_Q = 1024
 BLOCK_K = 64
@@ -40,7 +40,7 @@ VIEW_MIN_PAIRS = 2 ** 16  # chunks this large run alone on slices of q, k, v; sm
 
 @dataclass
 class BlockCall:
-    """One batched SDPA call: ``n`` chunks of ``lq`` queries × ``lk`` keys (flat indices into ``B·Nq`` / ``B·Nk``)."""
+    """One SDPA call: ``n`` chunks of ``lq`` queries × ``lk`` keys (flat indices into ``B·Nq`` / ``B·Nk``)."""
 
     q_index: torch.Tensor  # [n * lq] int64
     k_index: torch.Tensor  # [n * lk] int64
