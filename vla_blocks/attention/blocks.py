@@ -17,7 +17,9 @@ here from the O(N) mask metadata, once per batch (cached on the :class:`MaskMeta
    the chunk mask and their output is set to 0 (zero gradient), as the dense path does.
 5. **Batching.** Chunks of the same shape (``Lq``, ``Lk``, masked or not) — e.g. the identical samples of a
    packed row — run as one batched SDPA call, split so a call's mask holds at most ``max_call_pairs``
-   elements.
+   elements. Chunks of at least ``view_min_pairs`` pairs over one contiguous key range run alone on pieces of
+   q, k, v (no gather copy). Inputs are cut and outputs joined with one split / gather / concatenation per
+   tensor, so the backward adds O(N) work, not O(calls × N).
 
 Tensors: ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``; the keys of a cached-prefix call are
 ``prefix ++ k`` (the caller concatenates, O(N)).
@@ -48,6 +50,7 @@ class BlockCall:
     lq: int
     lk: int
     full: bool  # every (q, k) of every chunk is allowed: no mask
+    starts: list[tuple[int, int]]  # (row, first query) of each chunk: chunks are contiguous query ranges
     view: tuple[int, int, int] | None = None  # (row, first query, first key): one chunk over a contiguous key range
     _mask: tuple | None = field(default=None, repr=False)
 
@@ -192,25 +195,54 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int,
         k0, lk = int(kpos[0]), kpos.numel()
         if lens_l[c] * lk >= view_min_pairs and int(kpos[-1]) - k0 + 1 == lk:
             # a large chunk over one key range: slices of q, k, v (no gather copy), its own call
-            calls.append(BlockCall(qidx, r * nk + kpos, 1, lens_l[c], lk, full, view=(r, a, k0)))
+            calls.append(BlockCall(qidx, r * nk + kpos, 1, lens_l[c], lk, full, [(r, a)], view=(r, a, k0)))
             continue
-        groups.setdefault((lens_l[c], lk, full), []).append((qidx, r * nk + kpos))
+        groups.setdefault((lens_l[c], lk, full), []).append((qidx, r * nk + kpos, (r, a)))
     for (lq, lk, full), items in groups.items():
         per_call = max(1, max_call_pairs // (lq * lk))
         for i in range(0, len(items), per_call):
             part = items[i:i + per_call]
             calls.append(BlockCall(torch.cat([p[0] for p in part]), torch.cat([p[1] for p in part]),
-                                   len(part), lq, lk, full))
+                                   len(part), lq, lk, full, [p[2] for p in part]))
     issued = sum(c.pairs for c in calls)
     return BlockPlan(calls, B * nq * nk, issued, n, len(runs), block_q, block_k)
+
+
+def _merged(intervals: list[tuple[int, int]]) -> list[list[int]]:
+    """Overlapping intervals merged (touching ones stay apart), sorted."""
+    out: list[list[int]] = []
+    for a, e in sorted(intervals):
+        if out and a < out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return out
+
+
+def _split_cover(t: torch.Tensor, intervals: list[list[int]], n: int) -> dict[int, torch.Tensor]:
+    """``t [H, n, D]`` split along dim 1 at the bounds of disjoint sorted ``intervals``: {start: piece}. One split
+    op, so the backward concatenates once instead of allocating a full-size gradient per piece."""
+    sizes, starts, pos = [], [], 0
+    for a, e in intervals:
+        if a > pos:
+            sizes.append(a - pos)
+            starts.append(None)
+        sizes.append(e - a)
+        starts.append(a)
+        pos = e
+    if pos < n:
+        sizes.append(n - pos)
+        starts.append(None)
+    return {a: p for a, p in zip(starts, t.split(sizes, dim=1)) if a is not None}
 
 
 def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: MaskMeta, plan: BlockPlan,
                      scale: float | None = None) -> torch.Tensor:
     """Masked attention by the calls of ``plan``; ``[B, Hq, Nq, Dv]``, rows that attend nothing are 0.
 
-    The result is a ``[B, Nq, Hq, Dv]`` buffer seen as ``[B, Hq, Nq, Dv]`` (so ``out.transpose(1, 2)`` is
-    contiguous); each call writes its rows into it, and rows no call covers stay 0."""
+    Every input and output is taken apart and put together with one split / gather / concatenation per tensor,
+    so the backward costs O(N) besides the calls themselves (a slice per call would allocate a full-size
+    gradient per call)."""
     B, hq, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     gqa = hq != hk
@@ -218,29 +250,56 @@ def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Ma
         true = torch.ones((), dtype=torch.bool, device=q.device)
         tied = k.masked_fill(true, 0.0).sum() + v.masked_fill(true, 0.0).sum()
         return q.new_zeros((B, hq, nq, dv)) + q.masked_fill(true, 0.0).sum() + tied
-    out = q.new_zeros((B, nq, hq, dv))
-    flat = None
+    views = [c for c in plan.calls if c.view is not None]
+    gathers = [c for c in plan.calls if c.view is None]
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    if views:  # large chunks: pieces of q, k, v (per row: one split of q at the chunks, one of k/v at key ranges)
+        rows_q, rows_k, rows_v = q.unbind(0), k.unbind(0), v.unbind(0)
+        for r in sorted({c.view[0] for c in views}):
+            mine = [c for c in views if c.view[0] == r]
+            qp = _split_cover(rows_q[r], [[c.view[1], c.view[1] + c.lq] for c in mine], nq)
+            # keys: one split at the merged key ranges (a document's, when its chunks share keys); a chunk narrows
+            # its piece, a view: no copy kept for the backward, which allocates that piece's size per chunk
+            kr = _merged([(c.view[2], c.view[2] + c.lk) for c in mine])
+            kp, vp = _split_cover(rows_k[r], kr, nk), _split_cover(rows_v[r], kr, nk)
+            for c in mine:
+                k0 = c.view[2]
+                ks = max(a for a, _ in kr if a <= k0)
+                kk, vv = kp[ks], vp[ks]
+                if kk.shape[1] != c.lk:
+                    kk, vv = kk.narrow(1, k0 - ks, c.lk), vv.narrow(1, k0 - ks, c.lk)
+                inputs[id(c)] = (qp[c.view[1]][None], kk[None], vv[None])
+    if gathers:  # small chunks, batched by shape: one gather of q, k, v for all of them
+        qf = q.transpose(0, 1).reshape(hq, B * nq, d)  # a view for B == 1
+        kf = k.transpose(0, 1).reshape(hk, B * nk, d)
+        vf = v.transpose(0, 1).reshape(hk, B * nk, dv)
+        qi = torch.cat([c.q_index for c in gathers])
+        ki = torch.cat([c.k_index for c in gathers])
+        qs = qf.index_select(1, qi).split([c.n * c.lq for c in gathers], 1)
+        ks_ = kf.index_select(1, ki).split([c.n * c.lk for c in gathers], 1)
+        vs = vf.index_select(1, ki).split([c.n * c.lk for c in gathers], 1)
+        for c, a, b_, e in zip(gathers, qs, ks_, vs):
+            inputs[id(c)] = (a.view(hq, c.n, c.lq, d).transpose(0, 1), b_.view(hk, c.n, c.lk, d).transpose(0, 1),
+                             e.view(hk, c.n, c.lk, dv).transpose(0, 1))
+    pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for call in plan.calls:
-        n, lq, lk = call.n, call.lq, call.lk
+        qq, kk, vv = inputs[id(call)]
         mask, empty = call.mask(meta)
-        if call.view is not None:
-            r, a, k0 = call.view
-            qq, kk, vv = q[r:r + 1, :, a:a + lq], k[r:r + 1, :, k0:k0 + lk], v[r:r + 1, :, k0:k0 + lk]
-        else:
-            if flat is None:  # [H, B·N, D]: a view for B == 1, one O(N) copy otherwise
-                flat = (q.transpose(0, 1).reshape(hq, B * nq, d), k.transpose(0, 1).reshape(hk, B * nk, d),
-                        v.transpose(0, 1).reshape(hk, B * nk, dv))
-            qf, kf, vf = flat
-            qq = qf.index_select(1, call.q_index).view(hq, n, lq, d).transpose(0, 1)
-            kk = kf.index_select(1, call.k_index).view(hk, n, lk, d).transpose(0, 1)
-            vv = vf.index_select(1, call.k_index).view(hk, n, lk, dv).transpose(0, 1)
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=None if mask is None else mask[:, None],
                                            scale=scale, enable_gqa=gqa)
         if empty is not None:
             o = o.masked_fill(empty[:, None, :, None], 0.0)
-        o = o.transpose(1, 2)  # [n, lq, H, Dv]
-        if call.view is not None:
-            out[r, a:a + lq] = o[0]
-        else:
-            out.view(B * nq, hq, dv).index_copy_(0, call.q_index, o.reshape(n * lq, hq, dv))
-    return out.transpose(1, 2)
+        for (r, a), t in zip(call.starts, o.unbind(0)):
+            pieces.setdefault(r, []).append((a, t))
+    rows = []
+    for r in range(B):  # one concatenation per row: chunk outputs in order, zeros where no chunk is
+        seq, pos = [], 0
+        for a, t in sorted(pieces.get(r, []), key=lambda x: x[0]):
+            if a > pos:
+                seq.append(q.new_zeros((hq, a - pos, dv)))
+            seq.append(t)
+            pos = a + t.shape[1]
+        if pos < nq:
+            seq.append(q.new_zeros((hq, nq - pos, dv)))
+        rows.append(torch.cat(seq, 1) if len(seq) > 1 else seq[0])
+    return torch.stack(rows) if B > 1 else rows[0][None]
