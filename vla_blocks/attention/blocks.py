@@ -281,6 +281,8 @@ def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Ma
         for c, a, b_, e in zip(gathers, qs, ks_, vs):
             inputs[id(c)] = (a.view(hq, c.n, c.lq, d).transpose(0, 1), b_.view(hk, c.n, c.lk, d).transpose(0, 1),
                              e.view(hk, c.n, c.lk, dv).transpose(0, 1))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = None if grad else q.new_zeros((B, hq, nq, dv))  # inference: write in place, no pieces to join
     pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for call in plan.calls:
         qq, kk, vv = inputs[id(call)]
@@ -290,7 +292,12 @@ def blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Ma
         if empty is not None:
             o = o.masked_fill(empty[:, None, :, None], 0.0)
         for (r, a), t in zip(call.starts, o.unbind(0)):
-            pieces.setdefault(r, []).append((a, t))
+            if out is not None:
+                out[r, :, a:a + call.lq] = t
+            else:
+                pieces.setdefault(r, []).append((a, t))
+    if out is not None:
+        return out
     rows = []
     for r in range(B):  # one concatenation per row: chunk outputs in order, zeros where no chunk is
         seq, pos = [], 0

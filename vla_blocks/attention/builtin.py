@@ -72,7 +72,7 @@ class SDPABlocksBackend(AttentionBackend):
 
     name = "sdpa_blocks"
     min_dense_pairs = 2 ** 18  # 512² pairs: below, planning and several calls cost more than one dense call
-    max_fraction = 0.5
+    max_fraction = 0.75  # measured: 70% of the dense pairs (ACoT, 1k tokens) still ran 26% faster as blocks
     block_q = BLOCK_Q
     block_k = BLOCK_K
 
