@@ -746,8 +746,14 @@ def merge(old: dict, new: dict) -> dict:
                       "rows": [r for r in old_sc.get("rows", []) if _row_key(r) not in seen] + new_sc.get("rows", [])}
     old_sp, new_sp = old.get("sparse") or {}, new.get("sparse") or {}
     seen = {_row_key(r) for r in new_sp.get("rows", [])}
+    new_cases = {(c["layout"], c["S"]) for c in new_sp.get("cases", [])}
     out["sparse"] = {**old_sp, **new_sp,
-                     "rows": [r for r in old_sp.get("rows", []) if _row_key(r) not in seen] + new_sp.get("rows", [])}
+                     "rows": [r for r in old_sp.get("rows", []) if _row_key(r) not in seen] + new_sp.get("rows", []),
+                     "cases": [c for c in old_sp.get("cases", []) if (c["layout"], c["S"]) not in new_cases]
+                     + new_sp.get("cases", [])}
+    if old_sp.get("rows"):
+        out["settings"] = {**out.get("settings", {}), "sparse_cases": sorted(
+            set(old.get("settings", {}).get("sparse_cases", [])) | set(new.get("settings", {}).get("sparse_cases", [])))}
     if not new.get("scaling"):
         out["scaling"] = old.get("scaling", {})
     out["reference"] = {**old.get("reference", {}), **new.get("reference", {}),
