@@ -128,8 +128,8 @@ def _runs(meta: MaskMeta) -> list[tuple[int, int, int, int]]:
     return list(zip(rows[starts].tolist(), cols[starts].tolist(), (cols[ends] + 1).tolist(), docs[starts].tolist()))
 
 
-def _chunk_stats(meta: MaskMeta, chunk_row: torch.Tensor, chunk_of: torch.Tensor, pos_row: torch.Tensor,
-                 pos_col: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+def _chunk_stats(meta: MaskMeta, chunk_of: torch.Tensor, pos_row: torch.Tensor, pos_col: torch.Tensor,
+                 n: int) -> dict[str, torch.Tensor]:
     """Per-chunk ``q_*`` statistics (the names of :meth:`MaskMeta.tile_stats`) over the chunks' positions."""
     big = 2 ** 30
     dev = chunk_of.device
@@ -171,13 +171,13 @@ def _build_plan(meta: MaskMeta, block_q: int, block_k: int, max_call_pairs: int,
     starts = torch.cumsum(lens, 0) - lens
     pos_col = ct[:, 1][chunk_of] + (torch.arange(int(lens.sum()), device=dev) - starts[chunk_of])
     pos_row = ct[:, 0][chunk_of]
-    qst = {k: v[:, None] for k, v in _chunk_stats(meta, ct[:, 0], chunk_of, pos_row, pos_col, n).items()}
+    qst = {k: v[:, None] for k, v in _chunk_stats(meta, chunk_of, pos_row, pos_col, n).items()}
     kst = {k: v[ct[:, 0]].to(torch.int64) for k, v in meta.tile_stats(block_k, block_k).items() if k.startswith("k_")}
     state = classify_tiles(qst, kst)  # [chunks, Mk]
     kvalid = (meta.k_flags & FLAG_VALID) != 0
     mk = state.shape[1]
     tile_pos = torch.arange(mk * block_k, device=dev).view(mk, block_k)
-    groups: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]] = {}
     calls = []
     lens_l = lens.tolist()
     for c, (r, a, e) in enumerate(chunks):
