@@ -79,6 +79,7 @@ class BlockCall:
 
     @property
     def pairs(self) -> int:
+        """(query, key) pairs this call computes: n · lq · lk."""
         return self.n * self.lq * self.lk
 
 
@@ -96,9 +97,11 @@ class BlockPlan:
 
     @property
     def fraction(self) -> float:
+        """Pairs issued by the plan's calls over the dense N×N pairs (1.0 = no saving)."""
         return self.issued_pairs / self.dense_pairs if self.dense_pairs else 0.0
 
     def describe(self) -> str:
+        """One line for dispatch reasons and benchmarks: runs, chunks, calls, shapes and pairs issued."""
         shapes = len({(c.lq, c.lk, c.full) for c in self.calls})
         return (f"{self.documents} document run(s) in {self.chunks} chunk(s) of ≤{self.block_q} queries, "
                 f"{len(self.calls)} SDPA call(s) of {shapes} shape(s), {self.issued_pairs} pairs issued "

@@ -80,12 +80,15 @@ class SDPABlocksBackend(AttentionBackend):
     block_k = BLOCK_K
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why the block path cannot run these inputs (empty: it can)."""
         return []
 
     def plan(self, meta) -> BlockPlan:
+        """The batch's block plan (document runs, query chunks, key tiles), built once per metadata and cached."""
         return block_plan(meta, self.block_q, self.block_k)
 
     def auto_skip_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why ``auto`` prefers the dense path here (plain causal rows, small N, or blocks near the dense pair count)."""
         m = inp.meta
         if inp.prefix is None and m.is_plain_causal():
             return ["plain causal rows: sdpa runs is_causal=True without a mask"]
@@ -100,6 +103,7 @@ class SDPABlocksBackend(AttentionBackend):
         return []
 
     def forward(self, inp: AttentionInputs) -> torch.Tensor:
+        """Attention by per-document query chunks over their non-empty key tiles; empty rows return 0."""
         k, v = inp.full_kv()
         return blocks_attention(inp.q, k, v, inp.meta, self.plan(inp.meta), scale=inp.scale)
 
