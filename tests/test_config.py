@@ -92,9 +92,13 @@ def test_third_party_component_through_entry_point(tmp_path, monkeypatch):
     import importlib.metadata as md
     monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == C.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(C._REGISTRY["backbone"], "_loaded", False)  # plug-ins load on the next lookup
-    cls = C.component_class("backbone", "my_backbone")
-    assert cls.__name__ == "MyBackbone"
-    assert C.decode(C._SLOTS["backbone"], {"type": "my_backbone", "width": 5}).width == 5
+    try:
+        cls = C.component_class("backbone", "my_backbone")
+        assert cls.__name__ == "MyBackbone"
+        assert C.decode(C._SLOTS["backbone"], {"type": "my_backbone", "width": 5}).width == 5
+    finally:  # the plug-in's component must not outlive this test (other tests scan the registry)
+        if "my_backbone" in C._REGISTRY["backbone"]:
+            C._REGISTRY["backbone"].unregister("my_backbone")
 
 
 def test_create_model_overrides_from_python():
