@@ -51,7 +51,13 @@ ENTRY_POINT_GROUP = "vla_blocks.components"
 
 
 class ConfigError(ValueError):
-    """A recipe or override is malformed; the message names the file, the key path and suggestions."""
+    """A recipe or override is malformed; the message names the file, the key path and suggestions.
+
+    ``key`` is the offending key path (``backbone.config.num_key_value_heads``) where one is known, else None."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _where(file: str | None, path: str) -> str:
@@ -291,7 +297,7 @@ class Replace(dict):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML's safe loader plus the ``!replace`` tag on mappings."""
+    """YAML's safe loader plus the ``!replace`` tag on mappings (duplicate keys: :func:`load_yaml`)."""
 
 
 def _construct_replace(loader, node):
@@ -303,9 +309,48 @@ def _construct_replace(loader, node):
 _RecipeLoader.add_constructor("!replace", _construct_replace)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key repeated in one YAML mapping (plain YAML loaders keep the last value without a word).
+
+    ``path`` is the key path (``backbone.config.hidden_size``), ``line`` / ``first_line`` 1-based lines."""
+
+    def __init__(self, path: str, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {path!r} (first set at line {first_line})")
+        self.path, self.line, self.first_line = path, line, first_line
+
+
+def _check_duplicate_keys(node, path: str = "", _done: set | None = None):
+    _done = set() if _done is None else _done
+    if id(node) in _done:  # an alias of a node already checked
+        return
+    _done.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                sub = f"{path}.{k.value}" if path else k.value
+                if (k.tag, k.value) in seen:
+                    raise DuplicateKeyError(sub, k.start_mark.line + 1, seen[k.tag, k.value])
+                seen[k.tag, k.value] = k.start_mark.line + 1
+            else:
+                sub = path
+            _check_duplicate_keys(v, sub, _done)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _check_duplicate_keys(v, f"{path}[{i}]", _done)
+
+
 def load_yaml(text: str):
-    """Parse recipe YAML (safe loader + the ``!replace`` tag)."""
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse recipe YAML (safe loader + the ``!replace`` tag); a repeated key raises :class:`DuplicateKeyError`."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _plain(x):
@@ -357,6 +402,9 @@ def read_recipe(ref: str, _seen: tuple = ()) -> tuple[dict, str]:
         raise ConfigError(f"{f}: recipe inheritance loops through {' -> '.join(_seen)}")
     try:
         data = load_yaml(f.read_text())
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{f}:{e.line}: duplicate key {e.path!r} (first set at line {e.first_line}); "
+                          f"a YAML mapping keeps only the last value, so say it once", key=e.path) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{f}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -379,6 +427,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         return key, _plain(load_yaml(val))
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {item!r}: duplicate key {key}.{e.path}", key=f"{key}.{e.path}") from e
     except yaml.YAMLError:
         return key, val
 
@@ -470,7 +520,7 @@ def dump_recipe(cfg) -> str:
 
 
 __all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
-           "load_recipe", "read_recipe", "load_yaml", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
+           "load_recipe", "read_recipe", "load_yaml", "DuplicateKeyError", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
            "dataclass"]
 
 
