@@ -245,8 +245,11 @@ def _decode_dataclass(cls, data: dict, path: str, file: str | None):
                               f"{name!r} of {cls.__name__}")
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # a check that names its key (relative to this mapping)
+        key = f"{path}.{e.key}" if path and e.key else (e.key or path or None)
+        raise ConfigError(f"{_where(file, path)}: {e}", key=key) from e
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{_where(file, path)}: {e}") from e
+        raise ConfigError(f"{_where(file, path)}: {e}", key=path or None) from e
 
 
 def encode(obj) -> Any:
@@ -505,7 +508,8 @@ def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = 
     model_fields = {f.name for f in _model_fields(data, file)}  # also checks the 'type' key
     if "name" in data and "name" not in model_fields:
         data.pop("name")  # a recipe's display name, not a field of the model config
-    return decode(ModelConfig, data, "", file)
+    from .validate import check_config  # sizes and policy knobs, each error naming its key path
+    return check_config(decode(ModelConfig, data, "", file), file=file)
 
 
 def _model_fields(data, file):
