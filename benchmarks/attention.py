@@ -30,6 +30,13 @@ filled by a proportionally scaled sample, then padding):
   prompt (34) and thought (50) causal text, the goal as noisy latent, clean latent and ViT image, then a
   16-step action chunk (noise) — several samples packed per row.
 
+Sections (``--set sections=sweep,scaling,sparse``, all by default): ``sweep`` is the backend × layout × S grid
+above; ``scaling`` the metadata build at 8k–32k; ``sparse`` the dense-mask ``sdpa`` path against ``sdpa_blocks``
+(per-document blocks, no N×N mask) and what ``auto`` runs, on one row per case (``--set
+sparse_cases=pi0@8192,halo@32768@fwd+bwd``): per-call time with the batch's mask/plan cached, the first call
+of a batch (builds them), and its peak memory growth. The dense path is not run where it would need more than
+``sparse_dense_max_gib`` (4 GiB on CPU).
+
 Run ``vla-blocks bench attention [--smoke] [--device cuda] [--set seq_lens=1024,2048 --set layouts=pi0,halo]``
 or ``python benchmarks/attention.py`` with the same flags.
 """
@@ -184,9 +191,20 @@ def resolve_settings(ctx) -> dict:
                  backends=None, scaling_lens=[8192, 16384, 32768], scaling_layouts=["halo", "pi0", "doc_causal"],
                  dense_check_max=2 ** 26, prep=True)
     s["cpu_flex_max_S"] = int(ctx.options.get("cpu_flex_max_S", 1024))
+    s["sections"] = ["sweep", "scaling", "sparse"]
+    if ctx.smoke:
+        s["sparse_cases"] = ["doc_causal@512", "pi0@512@fwd"]
+    elif gpu:
+        s["sparse_cases"] = ["pi0@8192", "halo@8192", "doc_causal@8192", "pi0@32768@fwd+bwd", "halo@32768@fwd+bwd",
+                             "acot@1024", "halo@1024"]
+    else:
+        s["sparse_cases"] = ["pi0@8192", "halo@8192", "doc_causal@8192", "pi0@32768@fwd+bwd", "halo@32768@fwd+bwd",
+                             "acot@1024", "halo@1024"]
+    s["sparse_dense_max_gib"] = float(ctx.options.get("sparse_dense_max_gib", 40 if gpu else 4))
     o = ctx.options
     for key, cast in (("seq_lens", int), ("head_dims", int), ("dtypes", str), ("layouts", str), ("passes", str),
-                      ("backends", str), ("scaling_lens", int), ("scaling_layouts", str)):
+                      ("backends", str), ("scaling_lens", int), ("scaling_layouts", str), ("sections", str),
+                      ("sparse_cases", str)):
         if key in o:
             s[key] = _list(o[key], cast)
     for key in ("hidden", "tokens_per_batch"):
@@ -197,7 +215,26 @@ def resolve_settings(ctx) -> dict:
     for lay in s["layouts"] + s["scaling_layouts"]:
         if lay not in LAYOUTS:
             raise ValueError(f"unknown layout {lay!r}; layouts: {list(LAYOUTS)}")
+    for sec in s["sections"]:
+        if sec not in ("sweep", "scaling", "sparse"):
+            raise ValueError(f"unknown section {sec!r}; sections: sweep, scaling, sparse")
+    parse_sparse_cases(s["sparse_cases"])
     return s
+
+
+def parse_sparse_cases(cases: list[str]) -> list[tuple[str, int, list[str]]]:
+    """``layout@S[@pass]`` → (layout, S, passes); both passes when none is named."""
+    out = []
+    for c in cases:
+        parts = c.split("@")
+        if len(parts) not in (2, 3) or parts[0] not in LAYOUTS or not parts[1].isdigit():
+            raise ValueError(f"sparse case {c!r} is not layout@S[@pass] with a layout of {list(LAYOUTS)}")
+        passes = [parts[2]] if len(parts) == 3 else ["fwd", "fwd+bwd"]
+        for p_ in passes:
+            if p_ not in ("fwd", "fwd+bwd"):
+                raise ValueError(f"sparse case {c!r}: pass {p_!r} is not fwd or fwd+bwd")
+        out.append((parts[0], int(parts[1]), passes))
+    return out
 
 
 def batch_for(S: int, settings: dict) -> int:
@@ -385,7 +422,7 @@ def run(ctx) -> dict:
     rows: list[dict] = []
     layouts_info: list[dict] = []
     prep_rows: list[dict] = []
-    for S in s["seq_lens"]:
+    for S in (s["seq_lens"] if "sweep" in s["sections"] else []):
         B = batch_for(S, s)
         metas = {}
         for name in s["layouts"]:
@@ -474,12 +511,13 @@ def run(ctx) -> dict:
                 del q, k, v, dO
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    scaling = mask_meta_scaling(ctx, s)
+    scaling = mask_meta_scaling(ctx, s) if "scaling" in s["sections"] else {}
+    sparse = sparse_vs_dense(ctx, s) if "sparse" in s["sections"] else {}
     return {"settings": {**s, "tile": TILE, "n_layers_amortised": N_LAYERS_AMORTISED,
                          "flop_convention": "forward 4·B·H·D·allowed_pairs; forward+backward 3.5× forward"},
             "backends": names,
             "reference": {"matmul": matmul, "peak_tflops": {dt: ctx_peak_tflops(ctx, dt) for dt in s["dtypes"]}},
-            "layouts": layouts_info, "rows": rows, "mask_prep": prep_rows, "scaling": scaling}
+            "layouts": layouts_info, "rows": rows, "mask_prep": prep_rows, "scaling": scaling, "sparse": sparse}
 
 
 def ctx_peak_tflops(ctx, dtype: str) -> float | None:
@@ -541,6 +579,156 @@ def profile_top(fn, k: int = 8) -> list[dict]:
     return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in ev]
 
 
+# ---------------------------------------------------------------------------------------------- sparse vs dense
+SPARSE_VARIANTS = ("sdpa", "sdpa_blocks", "auto")
+
+
+def sparse_vs_dense(ctx, s: dict) -> dict:
+    """The dense-mask ``sdpa`` path against ``sdpa_blocks`` and what ``auto`` picks, side by side, one row of S
+    tokens (B=1), D=128: per-call time with the batch's mask/plan cached (what every layer after the first pays,
+    timed interleaved A B, B A…), the first call of a batch (builds the mask or the plan; one timing) and the peak
+    memory growth of that first call."""
+    from vla_blocks.attention import explain
+    from vla_blocks.attention.blocks import block_plan
+    gpu = ctx.device.type == "cuda"
+    dt = "bfloat16" if gpu else "float32"
+    dtype = _dtype(dt)
+    D = 128
+    H = max(1, s["hidden"] // D)
+    out = {"D": D, "H": H, "dtype": dt, "B": 1, "rows": [], "cases": []}
+    for name, S, passes in parse_sparse_cases(s["sparse_cases"]):
+        layout, desc = build_layout(name, S, 1)
+        layout = layout.to(ctx.device)
+        meta = layout.mask_meta()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v, dO = (torch.randn(1, H, S, D, generator=g).to(ctx.device, dtype) for _ in range(4))
+        plan = block_plan(meta)
+        blocks_mask_bytes = sum(c.pairs for c in plan.calls if not c.full)
+        inp = AttentionInputs(q, k, v, meta)
+        why = dict(explain(inp))
+        case = {"layout": name, "S": S, "docs": desc["docs"], "doc_lengths": desc["doc_lengths"], "pad": desc["pad"],
+                "allowed_pairs": meta.num_allowed_pairs(), "dense_pairs": S * S, "plan": plan.describe(),
+                "issued_pairs": plan.issued_pairs, "blocks_mask_bytes": blocks_mask_bytes,
+                "dense_mask_bytes": S * S, "auto_reasons_sdpa_blocks": why.get("sdpa_blocks", [])}
+        out["cases"].append(case)
+        dense_est = S * S * (1 + dtype.itemsize)  # bool mask cached per batch + the float copy SDPA makes per call
+        for pass_ in passes:
+            need_grad = pass_ != "fwd"
+            with torch.set_grad_enabled(need_grad):
+                auto_name = choose_backend_name(q, k, v, meta, need_grad)
+            variants = list(SPARSE_VARIANTS)
+            base = {"kind": "sparse", "layout": name, "S": S, "B": 1, "H": H, "D": D, "dtype": dt, "pass": pass_,
+                    "auto_chose": auto_name}
+            skipped = {}
+            if dense_est > s["sparse_dense_max_gib"] * 2 ** 30:
+                skipped["sdpa"] = (f"not run: the dense path needs ≈{dense_est / 2 ** 30:.1f} GiB here (S² B mask + a "
+                                   f"float copy per call) > {s['sparse_dense_max_gib']:g} GiB "
+                                   f"(--set sparse_dense_max_gib=N)")
+                if auto_name == "sdpa":
+                    skipped["auto"] = skipped["sdpa"]
+            run_ = [x for x in variants if x not in skipped]
+            qq, kk, vv = (t.detach().requires_grad_(need_grad) for t in (q, k, v))
+            warm_metas = {x: fresh(meta) for x in run_}
+
+            def call(x, m):
+                b = "auto" if x == "auto" else x
+                if need_grad:
+                    attention(qq, kk, vv, m, backend=b).backward(dO)
+                else:
+                    with torch.no_grad():
+                        attention(qq, kk, vv, m, backend=b)
+            fns = {x: (lambda x_: lambda: call(x_, warm_metas[x_]))(x) for x in run_}
+            for f in fns.values():
+                f()  # builds each variant's mask / plan on its own warm metadata
+                ctx.sync()
+            grads = [qq, kk, vv] if need_grad else None
+            warm = ctx.time_interleaved(fns, grad_to_none=grads) if fns else {}
+            for x in variants:
+                row = dict(base, backend=x)
+                if x in skipped:
+                    row.update(status="skipped", reasons=[skipped[x]])
+                    out["rows"].append(row)
+                    continue
+                for t_ in grads or ():
+                    t_.grad = None
+                m = fresh(meta)
+                t0 = time.perf_counter()
+                call(x, m)
+                ctx.sync()
+                first_ms = (time.perf_counter() - t0) * 1e3
+                for t_ in grads or ():
+                    t_.grad = None
+                mem = ctx.memory(lambda: call(x, fresh(meta)))
+                row.update(status="ok", time=warm[x], first_call_ms=first_ms, peak_mem_bytes=mem["peak_bytes"],
+                           mem_method=mem.get("method"))
+                out["rows"].append(row)
+                ctx.log(f"  sparse {name} S={S} {pass_:7s} {x:11s} per call {fmt_ms(warm[x])} ms, first call "
+                        f"{first_ms:.0f} ms, peak +{fmt_bytes(mem['peak_bytes'])}")
+            for t_ in grads or ():
+                t_.grad = None
+        del q, k, v, dO
+    return out
+
+
+def choose_backend_name(q, k, v, meta, need_grad: bool) -> str:
+    from vla_blocks.attention import choose_backend
+    qq, kk, vv = (t.detach().requires_grad_(need_grad) for t in (q, k, v))
+    return choose_backend(AttentionInputs(qq, kk, vv, fresh(meta))).name
+
+
+def sparse_markdown(payload: dict, compact: bool = False) -> str:
+    """Dense mask (``sdpa``) vs per-document blocks (``sdpa_blocks``) and ``auto``, per case and pass."""
+    sp = payload.get("sparse") or {}
+    rows = sp.get("rows") or []
+    if not rows:
+        return ""
+    by = {}
+    for r in rows:
+        by.setdefault((r["layout"], r["S"], r["pass"]), {})[r["backend"]] = r
+    cases = {(c["layout"], c["S"]): c for c in sp.get("cases", [])}
+    body = []
+    for (lay, S, ps), d in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        c = cases.get((lay, S), {})
+
+        def cell(x, key):
+            r = d.get(x)
+            if r is None or r.get("status") != "ok":
+                return "not run" if key == "time" else "–"
+            if key == "time":
+                return fmt_ms(r["time"])
+            if key == "first":
+                return fmt_num(r["first_call_ms"])
+            return fmt_bytes(r["peak_mem_bytes"])
+        dense, blocks, auto = d.get("sdpa"), d.get("sdpa_blocks"), d.get("auto")
+        ok = lambda r: r is not None and r.get("status") == "ok"  # noqa: E731
+        speed = fmt_num(dense["time"]["median_ms"] / blocks["time"]["median_ms"]) if ok(dense) and ok(blocks) else "–"
+        memr = (f"{100 * blocks['peak_mem_bytes'] / dense['peak_mem_bytes']:.1f}%"
+                if ok(dense) and ok(blocks) and dense["peak_mem_bytes"] else "–")
+        auto_vs = (f"{100 * (auto['time']['median_ms'] / dense['time']['median_ms'] - 1):+.1f}%"
+                   if ok(dense) and ok(auto) else "–")
+        chosen = next(iter(d.values())).get("auto_chose", "?")
+        body.append([lay, S, c.get("docs", "?"), ps, cell("sdpa", "time"), cell("sdpa", "first"), cell("sdpa", "mem"),
+                     cell("sdpa_blocks", "time"), cell("sdpa_blocks", "first"), cell("sdpa_blocks", "mem"), speed, memr,
+                     chosen, auto_vs])
+    head = (f"One row of S tokens, B=1, H={sp.get('H')}, D={sp.get('D')}, {sp.get('dtype')}. *per call*: median ±IQR/2 "
+            f"ms with the batch's mask or plan cached (every layer after the first), timed interleaved; *1st*: the "
+            f"batch's first call, building the mask / plan (ms, one timing); *peak*: memory growth of that first call. "
+            f"× = dense / blocks per call; mem = blocks peak / dense peak; auto vs dense = per-call time of what "
+            f"`auto` ran against the dense path.")
+    tbl = md_table(["layout", "S", "docs", "pass", "dense per call", "dense 1st", "dense peak", "blocks per call",
+                    "blocks 1st", "blocks peak", "×", "mem", "auto ran", "auto vs dense"], body)
+    notes = sorted({rs for r in rows if r.get("status") == "skipped" for rs in r.get("reasons", [])})
+    out = head + "\n\n" + tbl
+    if notes:
+        out += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    if not compact:
+        out += "\n\n" + md_table(["layout", "S", "docs", "plan", "blocks mask", "dense mask", "auto's reason to skip sdpa_blocks"],
+                                  [[c["layout"], c["S"], c["docs"], c["plan"], fmt_bytes(c["blocks_mask_bytes"]),
+                                    fmt_bytes(c["dense_mask_bytes"]), "; ".join(c["auto_reasons_sdpa_blocks"]) or "– (runs)"]
+                                   for c in sp.get("cases", [])])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- merge
 def _row_key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("kind", "backend", "layout", "S", "B", "H", "D", "dtype", "pass", "step", "N"))
@@ -556,6 +744,18 @@ def merge(old: dict, new: dict) -> dict:
     seen = {_row_key(r) for r in new_sc.get("rows", [])}
     out["scaling"] = {**old_sc, **new_sc,
                       "rows": [r for r in old_sc.get("rows", []) if _row_key(r) not in seen] + new_sc.get("rows", [])}
+    old_sp, new_sp = old.get("sparse") or {}, new.get("sparse") or {}
+    seen = {_row_key(r) for r in new_sp.get("rows", [])}
+    new_cases = {(c["layout"], c["S"]) for c in new_sp.get("cases", [])}
+    out["sparse"] = {**old_sp, **new_sp,
+                     "rows": [r for r in old_sp.get("rows", []) if _row_key(r) not in seen] + new_sp.get("rows", []),
+                     "cases": [c for c in old_sp.get("cases", []) if (c["layout"], c["S"]) not in new_cases]
+                     + new_sp.get("cases", [])}
+    if old_sp.get("rows"):
+        out["settings"] = {**out.get("settings", {}), "sparse_cases": sorted(
+            set(old.get("settings", {}).get("sparse_cases", [])) | set(new.get("settings", {}).get("sparse_cases", [])))}
+    if not new.get("scaling"):
+        out["scaling"] = old.get("scaling", {})
     out["reference"] = {**old.get("reference", {}), **new.get("reference", {}),
                         "matmul": {**old.get("reference", {}).get("matmul", {}), **new["reference"]["matmul"]}}
     out["merged_runs"] = old.get("merged_runs", [old.get("created")]) + [new.get("created")]
@@ -616,7 +816,8 @@ def summary_markdown(payload: dict) -> str:
     unit = "GFLOP/s" if cpu else "TFLOP/s"
     S, D, dt = _primary(payload)
     if S is None:
-        return "_no attention rows_"
+        sp = sparse_markdown(payload, compact=True)
+        return ("Dense mask vs per-document blocks (`sdpa` vs `sdpa_blocks`):\n\n" + sp) if sp else "_no attention rows_"
     rows = []
     for lay in [x for x in LAYOUTS if any(r.get("layout") == x for r in payload["rows"])]:
         for b in payload["backends"]:
@@ -657,6 +858,9 @@ def summary_markdown(payload: dict) -> str:
         extra += (f"\n\nTiming noise: the causal layout through sdpa and the dense-causal reference run the same kernel; "
                   f"their time ratio over {nc['n']} configurations was {nc['min']:.2f}–{nc['max']:.2f}× (median "
                   f"{nc['median']:.2f}×, {100 * nc['within_10pct']:.0f}% within ±10%): read single cells with that spread.")
+    sp = sparse_markdown(payload, compact=True)
+    if sp:
+        extra += "\n\nDense mask vs per-document blocks (`sdpa` vs `sdpa_blocks`):\n\n" + sp
     return head + "\n\n" + tbl + "\n\nNot run (reasons):\n" + ("\n".join(notes) if notes else "- none") + extra
 
 
@@ -704,6 +908,8 @@ def render_markdown(payload: dict) -> str:
                 seen.setdefault(w, []).append(f"{r['backend']} {r['layout']} S={r['S']} D={r['D']} {r['dtype']} {r['pass']}")
         out.append(md_table(["warning", "rows", "first rows"],
                             [[w, len(rs), "; ".join(rs[:3])] for w, rs in seen.items()]))
+    if (payload.get("sparse") or {}).get("rows"):
+        out += ["", "## Dense mask vs per-document blocks (`sdpa` vs `sdpa_blocks`)", "", sparse_markdown(payload)]
     out += ["", f"## Mask preparation (cold caches; per layer = ÷ {N_LAYERS_AMORTISED})", ""]
     out.append(md_table(["layout", "S", "B", "step", "used by", "time ms", "per layer ms", "bytes", "note"],
                         [[r["layout"], r["S"], r["B"], r["step"], r["used_by"],

@@ -76,10 +76,12 @@ class AttentionBackend:
 
 
 _BACKENDS: list[AttentionBackend] = []
+_REGISTRY_VERSION = [0]  # bumped by register_backend: cached choices made before a registration are stale
 
 
 def register_backend(backend: AttentionBackend, before: str | None = "sdpa") -> AttentionBackend:
     """Add a backend to the priority list, by default just before ``sdpa`` (which stays last)."""
+    _REGISTRY_VERSION[0] += 1
     names = [b.name for b in _BACKENDS]
     if backend.name in names:
         _BACKENDS[names.index(backend.name)] = backend
@@ -107,7 +109,39 @@ def get_backend(name: str) -> AttentionBackend:
     raise KeyError(f"unknown attention backend {name!r}{hint}; known: {names + ['auto']}")
 
 
+def _signature(inp: AttentionInputs) -> tuple:
+    """Everything a backend's reasons may read besides the metadata: dtype, device, shape and strides of each
+    tensor, whether gradients are needed, the scale. The metadata is the cache's owner (one per batch)."""
+    ts = [inp.q, inp.k, inp.v] + (list(inp.prefix) if inp.prefix is not None else [])
+    return (tuple((t.dtype, t.device, tuple(t.shape), t.stride()) for t in ts), inp.prefix is not None,
+            inp.needs_grad, inp.scale)
+
+
 def choose_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:
+    """The backend that runs ``inp``: ``backend`` itself (an error listing its reasons if it cannot), or for
+    ``"auto"`` the first with neither reasons nor auto-skip reasons.
+
+    The choice is cached on the metadata (built once per batch, shared by every layer) per input signature
+    (:func:`_signature`) and registry state, so backend probes (installed packages, plans) run once per batch.
+    """
+    key = ("backend_choice", backend, _REGISTRY_VERSION[0], _signature(inp))
+    hit = inp.meta._cache.get(key)
+    if hit is not None:
+        return hit
+    choice = _choose(inp, backend)
+    inp.meta._cache[key] = choice
+    return choice
+
+
+def explain(inp: AttentionInputs) -> list[tuple[str, list[str]]]:
+    """Per registered backend, in priority order: why ``auto`` would pass it over (empty: it would run).
+
+    Lists every backend (not just those before the chosen one) — the dispatch reasons a user reads to see why
+    a given path runs, e.g. why ``sdpa_blocks`` or the dense ``sdpa`` was picked."""
+    return [(b.name, b.not_supported_reasons(inp) or b.auto_skip_reasons(inp)) for b in backends()]
+
+
+def _choose(inp: AttentionInputs, backend: str) -> AttentionBackend:
     common = inp.common_reasons()
     if common:
         raise ValueError("attention inputs are malformed: " + "; ".join(common))

@@ -86,6 +86,34 @@ def _tile_reduce(x: torch.Tensor, block: int, pad_value: int, op: str) -> torch.
     return x.amin(-1) if op == "min" else x.amax(-1)
 
 
+def classify_tiles(q: dict[str, torch.Tensor], k: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Empty / partial / full state of (query block, key block) pairs from their O(N) statistics.
+
+    ``q`` and ``k`` hold the ``q_*`` and ``k_*`` entries of :meth:`MaskMeta.tile_stats` (or the same
+    statistics over any other blocks, e.g. per-document query chunks) in broadcastable shapes. Conservative:
+    a pair holding an allowed (q, k) is never empty, and a full pair is allowed everywhere.
+    """
+    any_valid = (q["q_any_valid"] > 0) & (k["k_any_valid"] > 0)
+    doc_overlap = (q["q_doc_min"] <= k["k_doc_max"]) & (k["k_doc_min"] <= q["q_doc_max"])
+    seg_overlap = (q["q_seg_min"] <= k["k_seg_max"]) & (k["k_seg_min"] <= q["q_seg_max"])
+    some_causal = k["k_idx_min"] <= q["q_idx_max"]
+    some_bidir = seg_overlap & (q["q_any_bidir"] > 0)
+    # noise rule: if every valid key is noise and of one segment, only that segment's rows see it
+    k_one_seg = k["k_seg_min"] == k["k_seg_max"]
+    noise_blocks = (k["k_all_noise"] > 0) & (k["k_any_valid"] > 0) & k_one_seg & ~seg_overlap
+    nonempty = any_valid & doc_overlap & (some_causal | some_bidir) & ~noise_blocks
+    q_one_seg = q["q_seg_min"] == q["q_seg_max"]
+    one_doc = ((q["q_doc_min"] == q["q_doc_max"]) & (k["k_doc_min"] == k["k_doc_max"])
+               & (q["q_doc_min"] == k["k_doc_min"]))
+    all_valid = (q["q_all_valid"] > 0) & (k["k_all_valid"] > 0)
+    same_single_seg = q_one_seg & k_one_seg & (q["q_seg_min"] == k["k_seg_min"])
+    noise_ok = (k["k_any_noise"] == 0) | same_single_seg
+    all_causal = k["k_idx_max"] <= q["q_idx_min"]
+    all_bidir = same_single_seg & (q["q_all_bidir"] > 0)
+    full = all_valid & one_doc & noise_ok & (all_causal | all_bidir)
+    return torch.where(full, TILE_FULL, torch.where(nonempty, TILE_PARTIAL, TILE_EMPTY)).to(torch.int8)
+
+
 @dataclass
 class MaskMeta:
     """Query- and key-side metadata of one attention call; see the module docstring."""
@@ -192,8 +220,42 @@ class MaskMeta:
         return self.cached("plain_causal", build)
 
     def row_is_empty(self) -> torch.Tensor:
-        """[B, Nq] True where a query row attends to nothing (its output is 0)."""
-        return ~self.dense().any(-1)
+        """[B, Nq] True where a query row attends to nothing (its output is 0).
+
+        Computed from the O(N) vectors (grouped minima, no dense mask), cached. A valid query ``q`` sees a key
+        exactly when its document has a valid non-noise key at or before it, or its own segment has a valid
+        key at or before it, or ``q`` is bidirectional and its segment has any valid key.
+        """
+        return self.cached("row_is_empty", self._row_is_empty)
+
+    def _row_is_empty(self) -> torch.Tensor:
+        B, nq, nk = self.batch_size, self.q_len, self.k_len
+        dev = self.q_idx.device
+        qv = (self.q_flags & FLAG_VALID) != 0
+        kv = (self.k_flags & FLAG_VALID) != 0
+        rows = torch.arange(B, device=dev, dtype=torch.int64)
+        # (row, doc) and (row, doc, seg) group ids shared by both sides
+        doc_key = torch.cat([(rows[:, None] * 2 ** 32 + self.q_doc.to(torch.int64) + 2 ** 31).reshape(-1),
+                             (rows[:, None] * 2 ** 32 + self.k_doc.to(torch.int64) + 2 ** 31).reshape(-1)])
+        _, gdoc = torch.unique(doc_key, return_inverse=True)
+        seg = torch.cat([self.q_seg.reshape(-1), self.k_seg.reshape(-1)]).to(torch.int64)
+        _, gseg = torch.unique(gdoc * 2 ** 32 + seg + 2 ** 31, return_inverse=True)
+        gdoc_q, gdoc_k = gdoc[:B * nq], gdoc[B * nq:]
+        gseg_q, gseg_k = gseg[:B * nq], gseg[B * nq:]
+        big = torch.iinfo(torch.int64).max
+        k_idx = self.k_idx.reshape(-1).to(torch.int64)
+        kvf = kv.reshape(-1)
+        k_plain = kvf & ((self.k_flags.reshape(-1) & FLAG_NOISE) == 0)
+        n_doc = int(gdoc.max()) + 1 if gdoc.numel() else 0
+        n_seg = int(gseg.max()) + 1 if gseg.numel() else 0
+        first_plain = torch.full((n_doc,), big, dtype=torch.int64, device=dev).scatter_reduce(
+            0, gdoc_k, torch.where(k_plain, k_idx, big), "amin")
+        first_seg = torch.full((n_seg,), big, dtype=torch.int64, device=dev).scatter_reduce(
+            0, gseg_k, torch.where(kvf, k_idx, big), "amin")
+        q_idx = self.q_idx.reshape(-1).to(torch.int64)
+        q_bidir = ((self.q_flags.reshape(-1) & FLAG_BIDIR) != 0)
+        sees = (first_plain[gdoc_q] <= q_idx) | (first_seg[gseg_q] <= q_idx) | (q_bidir & (first_seg[gseg_q] < big))
+        return ~(qv & sees.view(B, nq))
 
     # ------------------------------------------------------------------ tile summaries
     def tile_stats(self, block_m: int, block_n: int) -> dict[str, torch.Tensor]:
@@ -242,24 +304,5 @@ class MaskMeta:
             s = self.tile_stats(block_m, block_n)
             q = {k: v[:, :, None] for k, v in s.items() if k.startswith("q_")}
             k = {kk: v[:, None, :] for kk, v in s.items() if kk.startswith("k_")}
-            any_valid = (q["q_any_valid"] > 0) & (k["k_any_valid"] > 0)
-            doc_overlap = (q["q_doc_min"] <= k["k_doc_max"]) & (k["k_doc_min"] <= q["q_doc_max"])
-            seg_overlap = (q["q_seg_min"] <= k["k_seg_max"]) & (k["k_seg_min"] <= q["q_seg_max"])
-            some_causal = k["k_idx_min"] <= q["q_idx_max"]
-            some_bidir = seg_overlap & (q["q_any_bidir"] > 0)
-            # noise rule: if every valid key is noise and of one segment, only that segment's rows see it
-            k_one_seg = k["k_seg_min"] == k["k_seg_max"]
-            noise_blocks = (k["k_all_noise"] > 0) & (k["k_any_valid"] > 0) & k_one_seg & ~seg_overlap
-            nonempty = any_valid & doc_overlap & (some_causal | some_bidir) & ~noise_blocks
-            q_one_seg = q["q_seg_min"] == q["q_seg_max"]
-            one_doc = ((q["q_doc_min"] == q["q_doc_max"]) & (k["k_doc_min"] == k["k_doc_max"])
-                       & (q["q_doc_min"] == k["k_doc_min"]))
-            all_valid = (q["q_all_valid"] > 0) & (k["k_all_valid"] > 0)
-            same_single_seg = q_one_seg & k_one_seg & (q["q_seg_min"] == k["k_seg_min"])
-            noise_ok = (k["k_any_noise"] == 0) | same_single_seg
-            all_causal = k["k_idx_max"] <= q["q_idx_min"]
-            all_bidir = same_single_seg & (q["q_all_bidir"] > 0)
-            full = all_valid & one_doc & noise_ok & (all_causal | all_bidir)
-            state = torch.where(full, TILE_FULL, torch.where(nonempty, TILE_PARTIAL, TILE_EMPTY)).to(torch.int8)
-            return TileSummary(state, block_m, block_n)
+            return TileSummary(classify_tiles(q, k), block_m, block_n)
         return self.cached(("tile_summary", block_m, block_n), build)

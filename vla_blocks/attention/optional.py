@@ -23,6 +23,7 @@ bias on its cutlass kernel.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -34,7 +35,9 @@ from .meta import FLAG_BIDIR, FLAG_NOISE, FLAG_VALID, MaskMeta
 _I32_OFFSET = 2 ** 31
 
 
+@functools.lru_cache(maxsize=None)
 def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (probed once per process: installs do not change under a run)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a broken or shadowed install
