@@ -258,6 +258,7 @@ class FlashAttnBackend(AttentionBackend):
     """flash-attn 2 ``flash_attn_varlen_func`` for masks that are causal or bidirectional within documents."""
 
     name = "flash_attn"
+    reads_invalid_keys = False  # the varlen plan packs the valid tokens only
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
         if not _installed("flash_attn"):
