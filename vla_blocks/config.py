@@ -166,53 +166,62 @@ def decode(tp, data, path: str = "", file: str | None = None):
             try:
                 return decode(a, data, path, file)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{_where(file, path)}: {data!r} matches none of {_type_name(tp)}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{_where(file, path)}: {data!r} matches none of {_type_name(tp)}", key=path or None)
     if origin is Literal:
         choices = get_args(tp)
         if data not in choices:
-            raise ConfigError(f"{_where(file, path)}: {data!r} is not allowed{_suggest(data, choices)}")
+            raise ConfigError(f"{_where(file, path)}: {data!r} is not allowed{_suggest(data, choices)}",
+                              key=path or None)
         return data
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(data, (list, tuple)):
-            raise ConfigError(f"{_where(file, path)}: expected a list, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a list, got {type(data).__name__} {data!r}",
+                              key=path or None)
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(data):
-                raise ConfigError(f"{_where(file, path)}: expected {len(args)} items, got {len(data)}")
+                raise ConfigError(f"{_where(file, path)}: expected {len(args)} items, got {len(data)}",
+                                  key=path or None)
             return tuple(decode(a, d, f"{path}[{i}]", file) for i, (a, d) in enumerate(zip(args, data)))
         item = args[0] if args else Any
         out = [decode(item, d, f"{path}[{i}]", file) for i, d in enumerate(data)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a mapping, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a mapping, got {type(data).__name__} {data!r}",
+                              key=path or None)
         kt, vt = get_args(tp) or (str, Any)
         return {k: decode(vt, v, f"{path}.{k}" if path else str(k), file) for k, v in data.items()}
     if _is_slot_base(tp):
         if isinstance(data, tp):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a {tp.slot} mapping with a 'type' key, got {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a {tp.slot} mapping with a 'type' key, got {data!r}",
+                              key=path or None)
         if "type" not in data:
             raise ConfigError(f"{_where(file, path)}: missing field 'type' (the {tp.slot} component name)"
-                              f"{_suggest('', registered(tp.slot))}")
+                              f"{_suggest('', registered(tp.slot))}", key=path or None)
         cls = component_class(tp.slot, data["type"], file=file, path=f"{path}.type" if path else "type")
         return _decode_dataclass(cls, {k: v for k, v in data.items() if k != "type"}, path, file)
     if is_dataclass(tp):
         if isinstance(data, tp):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a mapping for {tp.__name__}, got {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a mapping for {tp.__name__}, got {data!r}",
+                              key=path or None)
         return _decode_dataclass(tp, data, path, file)
     if tp is bool:
         if not isinstance(data, bool):
-            raise ConfigError(f"{_where(file, path)}: expected true/false, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected true/false, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     if tp is int:
         if isinstance(data, bool) or not isinstance(data, int):
-            raise ConfigError(f"{_where(file, path)}: expected an integer, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected an integer, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     if tp is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
@@ -221,11 +230,13 @@ def decode(tp, data, path: str = "", file: str | None = None):
                     return float(data)  # YAML reads 1e-6 as a string
                 except ValueError:
                     pass
-            raise ConfigError(f"{_where(file, path)}: expected a number, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a number, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return float(data)
     if tp is str:
         if not isinstance(data, str):
-            raise ConfigError(f"{_where(file, path)}: expected a string, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a string, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     return data
 
@@ -524,8 +535,8 @@ def dump_recipe(cfg) -> str:
 
 
 __all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
-           "load_recipe", "read_recipe", "load_yaml", "DuplicateKeyError", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
-           "dataclass"]
+           "load_recipe", "read_recipe", "load_yaml", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
+           "dataclass", "DuplicateKeyError"]
 
 
 # ---------------------------------------------------------------------------------------------- field help

@@ -4,8 +4,9 @@ Two kinds of check, both run when a recipe is loaded (:func:`~vla_blocks.config.
 model is built (a config made in Python skips the loader):
 
 - :func:`check_transformer_sizes`: the size keys of a transformers config mapping (``backbone.config`` when the
-  backbone is decoded and built, ``vision.config`` from :func:`check_config`): positive integers, ``num_attention_heads`` a multiple of ``num_key_value_heads``, and
-  ``hidden_size`` a multiple of ``num_attention_heads`` where the head width is derived from it.
+  backbone is decoded and built, ``vision.config`` from :func:`check_config`): positive integers,
+  ``num_attention_heads`` a multiple of ``num_key_value_heads``, and ``hidden_size`` a multiple of
+  ``num_attention_heads`` where the head width is derived from it (even, for RoPE).
 - :func:`check_config`: every field of a typed config tree whose name is a size or a count (``action_horizon``,
   ``n_action_steps``, ``chunk_size``, ``ear.horizon``, ``inference.latent_points`` …; the table
   :data:`FIELD_RULES`), plus the cross-field rule ``1 <= n_action_steps <= action_horizon`` (``chunk_size``
