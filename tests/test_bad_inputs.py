@@ -377,3 +377,156 @@ def test_cli_errors_are_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err and err.startswith(f"vla-blocks {argv[0]}: error:"), err
+
+
+# ---------------------------------------------------------------------------------------------- recipe sizes
+# key path -> the keys an error about it may name instead (a rule between two keys reports one of them)
+_HEADS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
+SIZE_KEYS = {
+    "pi0-tiny": ["backbone.config.hidden_size", "backbone.config.intermediate_size", "backbone.config.num_hidden_layers",
+                 "backbone.config.num_attention_heads", "backbone.config.num_key_value_heads", "backbone.config.head_dim",
+                 "backbone.config.vocab_size", "action_expert.hidden_size", "action_expert.intermediate_size",
+                 "action_expert.ffn_ratio", "action_expert.adarms_cond_dim", "action_horizon", "action_dim",
+                 "n_action_steps", "max_token_len", "num_cameras", "state_dim", "flow.num_steps", "flow.points",
+                 "vision.config.hidden_size", "vision.config.num_attention_heads", "vision.config.patch_size",
+                 "vision.num_layers"],
+    "acot-tiny": ["ear.horizon", "ear.stride", "ear.num_steps", "ear.expert.hidden_size", "ear.expert.intermediate_size",
+                  "ear.expert.ffn_ratio", "agp_num_heads", "iar.num_heads", "iar.group_size", "n_action_steps",
+                  "real_action_dim", "backbone.config.num_key_value_heads"],
+    "halo-tiny": ["experts.act.ffn_ratio", "experts.gen.hidden_size", "experts.act.intermediate_size", "chunk_size",
+                  "n_action_steps", "history_frames", "inference.action_points", "inference.latent_points",
+                  "inference.max_new_tokens", "latent_patch_size", "max_latent_size", "vision.max_num_patches",
+                  "backbone.config.num_attention_heads", "backbone.config.num_key_value_heads"],
+}
+COUPLED = {"n_action_steps": ("action_horizon", "chunk_size"), "action_horizon": ("n_action_steps",),
+           "real_action_dim": ("action_dim",), "action_dim": ("real_action_dim",), "flow.points": ("flow",),
+           "flow.num_steps": ("flow",), "ear.horizon": ("ear",), "ear.stride": ("ear",)}
+EXPERT_OF = {"action_expert": "act", "ear.expert": "ear", "experts.act": "act", "experts.gen": "gen"}
+
+
+def _accepted_keys(key: str) -> set[str]:
+    parent, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
+    out = {key, *COUPLED.get(key, ())}
+    if leaf in _HEADS:
+        out |= {f"{parent}.{h}" for h in _HEADS}
+    return out
+
+
+def _value_at(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _stack_cfg(model):
+    lm = getattr(model, "language_model", None) or model.lm
+    return lm.stack.cfg
+
+
+@settings(FAST, max_examples=90)
+@given(recipe=st.sampled_from(sorted(SIZE_KEYS)), data=st.data(),
+       value=st.sampled_from([0, -1, -16, 1, 2, 3, 5, 7, 16, 0.5, 0.0, -0.5, 1.5]))
+def test_recipe_sizes_build_correctly_or_error_with_the_key_path(recipe, data, value):
+    """Sizes 0 / negative / non-divisible / fractional at every size key of the tiny recipes: either a
+    ConfigError whose ``key`` is the key path (or the key of the rule it breaks), or a model built with exactly
+    that value (an expert width that silently fell back to the backbone's would fail here)."""
+    key = data.draw(st.sampled_from(SIZE_KEYS[recipe]))
+    if key.endswith("ffn_ratio") and isinstance(value, int):
+        value = float(value)
+    try:
+        cfg = vla_blocks.model_config(recipe, overrides=[f"{key}={value}"])
+        torch.manual_seed(0)
+        model = cfg.build()
+    except ConfigError as e:
+        assert e.key in _accepted_keys(key), (key, value, e.key, str(e))
+        assert e.key in str(e) or e.key.rpartition(".")[2] in str(e), str(e)
+        return
+    except Exception as e:  # noqa: BLE001 - anything else is the bug this test looks for
+        raise AssertionError(f"{recipe} {key}={value!r}: {type(e).__name__}: {e}") from e
+    assert _value_at(model.config, key) == value, (key, value)  # the value is used, not replaced
+    assert not isinstance(value, bool) and value > 0, (key, value)  # no zero / negative size was accepted
+    parent = key.rpartition(".")[0]
+    if parent in EXPERT_OF:  # the built expert has the size the recipe asked for
+        e = _stack_cfg(model).experts[EXPERT_OF[parent]]
+        leaf = key.rpartition(".")[2]
+        if leaf in ("hidden_size", "intermediate_size", "adarms_cond_dim"):
+            assert getattr(e, leaf) == value, (key, value, e)
+    if key.startswith("backbone.config."):
+        assert getattr(cfg.backbone.hf_config(), key.rpartition(".")[2]) == value
+
+
+def test_backbone_config_typo_and_zero_kv_heads_are_config_errors():
+    with pytest.raises(ConfigError, match="num_hidden_layers") as e:  # did-you-mean
+        vla_blocks.model_config("pi0-tiny", overrides=["backbone.config.num_hiden_layers=7"])
+    assert e.value.key == "backbone"  # the backbone's own check names backbone.config.<key> in the message
+    assert "backbone.config.num_hiden_layers" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        vla_blocks.model_config("pi0-tiny", overrides=["backbone.config.num_key_value_heads=0"])
+    assert e.value.key == "backbone.config.num_key_value_heads"
+
+
+# ---------------------------------------------------------------------------------------------- duplicate YAML keys
+_DUP_SITES = [  # (key path, the YAML lines around it): the duplicated line is marked with {dup}
+    ("action_dim", ["action_dim: 8", "{dup}action_dim: 6"]),
+    ("action_expert.hidden_size", ["action_expert:", "  hidden_size: 16", "  {dup}hidden_size: 8",
+                                   "  intermediate_size: 32"]),
+    ("backbone.config.hidden_size", ["backbone:", "  config: !replace", "    hidden_size: 32",
+                                     "    {dup}hidden_size: 64"]),
+    ("flow.num_steps", ["flow:", "  num_steps: 4", "  {dup}num_steps: 5"]),
+]
+
+
+@settings(FAST, max_examples=30)
+@given(site=st.integers(0, len(_DUP_SITES) - 1), duplicate=st.booleans(), pad=st.integers(0, 3))
+def test_duplicate_yaml_keys_are_errors_with_file_line_and_key_path(tmp_path_factory, site, duplicate, pad):
+    key, lines = _DUP_SITES[site]
+    body = ["base: pi0-tiny"] + ["# a comment"] * pad
+    dup_line = None
+    for ln in lines:
+        if "{dup}" in ln:
+            if not duplicate:
+                continue
+            dup_line = len(body) + 1
+        body.append(ln.replace("{dup}", ""))
+    f = tmp_path_factory.mktemp("dup") / "r.yaml"
+    f.write_text("\n".join(body) + "\n")
+    try:
+        cfg = vla_blocks.model_config(str(f))
+    except ConfigError as e:
+        assert duplicate, str(e)
+        assert e.key == key and f"{f}:{dup_line}:" in str(e) and "duplicate key" in str(e), str(e)
+        return
+    assert not duplicate, f"duplicate {key} accepted"
+    leaf = key.rpartition(".")[2]
+    want = next(int(ln.split(":")[1]) for ln in lines if "{dup}" not in ln and ln.strip().startswith(leaf + ":"))
+    assert _value_at(cfg, key) == want, key
+
+
+def test_duplicate_keys_in_an_override_value_are_errors():
+    with pytest.raises(ConfigError) as e:
+        vla_blocks.model_config("pi0-tiny", overrides=["action_expert={hidden_size: 8, hidden_size: 16}"])
+    assert e.value.key == "action_expert.hidden_size"
+
+
+# ---------------------------------------------------------------------------------------------- attention backends
+@pytest.fixture(scope="module")
+def backend_names():
+    from vla_blocks.attention.dispatch import backends
+    return [b.name for b in backends()] + ["auto"]
+
+
+@settings(FAST, max_examples=25)
+@given(name=st.one_of(st.sampled_from(["sdpx", "SDPA", "flash", "triton ", "", "auto", "sdpa", "flex", "triton",
+                                       "sdpa_blocks", "xformers", "flash_attn"]),
+                      st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10)))
+def test_unknown_attention_backend_fails_at_build_with_the_valid_names(backend_names, name):
+    cfg = vla_blocks.model_config("mot-tiny", overrides=[f"attention_backend={name!r}"])
+    try:
+        model = cfg.build()
+    except ConfigError as e:
+        assert name not in backend_names, (name, str(e))
+        assert e.key == "attention_backend" and all(n in str(e) for n in backend_names), str(e)
+        return
+    assert name in backend_names
+    assert _stack_cfg(model).attention_backend == name

@@ -19,9 +19,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from .config import ComponentConfig, register
+from .config import ComponentConfig, ConfigError, register
 from .mot import ExpertConfig, MoTConfig, MoTOutput, MoTStack
 from .layout import Layout
+from .validate import TRANSFORMER_SIZE_KEYS, check_transformer_sizes, check_value
 
 SUPPORTED = ("qwen2", "llama", "gemma")
 
@@ -156,6 +157,7 @@ class HFCausalLMBackbone(BackboneConfig):
                     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
                     raise ValueError(f"backbone.config.{k}: not a field of the {self.model_type} config{hint} "
                                      f"(a key of another family? recipes replace a mapping with `config: !replace`)")
+            check_transformer_sizes(self.config, "config", rope=True)  # the decoder prefixes "backbone."
 
     # -- config ---------------------------------------------------------------------------------
     def hf_config(self):
@@ -184,6 +186,8 @@ class HFCausalLMBackbone(BackboneConfig):
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"backbone rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
         theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0) or 10000.0))
+        sizes = {k: getattr(c, k) for k in TRANSFORMER_SIZE_KEYS if hasattr(c, k)}  # with the family's defaults
+        check_transformer_sizes(sizes, "backbone.config", rope=True)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         fields_ = family_config_fields(self.model_type)
         key, name = next(((k, getattr(c, k)) for k in fam.act_keys if k in fields_ and getattr(c, k, None)),
@@ -459,6 +463,12 @@ class ExpertSpec:
     # name, or None (random)
     init_from: str | None = "backbone"
 
+    def __post_init__(self):
+        # 0 is not "unset": it used to fall back to the backbone's width without a word
+        for k in ("hidden_size", "intermediate_size", "adarms_cond_dim"):
+            check_value(k, getattr(self, k), 1)
+        check_value("ffn_ratio", self.ffn_ratio, 0.0, integer=False, strict=True)
+
 
 def build_mot_config(backbone: BackboneSpec, experts: dict[str, ExpertSpec], attention_backend: str = "auto",
                      gradient_checkpointing: bool = False) -> MoTConfig:
@@ -469,15 +479,20 @@ def build_mot_config(backbone: BackboneSpec, experts: dict[str, ExpertSpec], att
     out = {}
     for i, (name, s) in enumerate(experts.items()):
         base = backbone.expert
-        inter = s.intermediate_size or (int(base.intermediate_size * s.ffn_ratio) if s.ffn_ratio else None)
+        inter = s.intermediate_size
+        if inter is None and s.ffn_ratio is not None:
+            inter = int(base.intermediate_size * s.ffn_ratio)
+            if inter < 1:
+                raise ConfigError(f"experts.{name}.ffn_ratio: {s.ffn_ratio} x the backbone's intermediate_size "
+                                  f"{base.intermediate_size} leaves no FFN units", key=f"experts.{name}.ffn_ratio")
         init = s.init_from
         if init == "backbone":
             init = None if i == 0 else names[0]
         elif init is not None and init not in experts:
             raise ValueError(f"experts.{name}.init_from: {init!r} is not an expert; experts: {names}")
         out[name] = ExpertConfig(
-            hidden_size=s.hidden_size or base.hidden_size,
-            intermediate_size=inter or base.intermediate_size,
+            hidden_size=base.hidden_size if s.hidden_size is None else s.hidden_size,
+            intermediate_size=base.intermediate_size if inter is None else inter,
             norm=base.norm, norm_eps=base.norm_eps, ffn_act=base.ffn_act, qkv_bias=base.qkv_bias, o_bias=base.o_bias,
             qk_norm=base.qk_norm if s.qk_norm is None else s.qk_norm,
             adarms_cond_dim=s.adarms_cond_dim, init_from=init)

@@ -51,7 +51,13 @@ ENTRY_POINT_GROUP = "vla_blocks.components"
 
 
 class ConfigError(ValueError):
-    """A recipe or override is malformed; the message names the file, the key path and suggestions."""
+    """A recipe or override is malformed; the message names the file, the key path and suggestions.
+
+    ``key`` is the offending key path (``backbone.config.num_key_value_heads``) where one is known, else None."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _where(file: str | None, path: str) -> str:
@@ -164,53 +170,62 @@ def decode(tp, data, path: str = "", file: str | None = None):
             try:
                 return decode(a, data, path, file)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{_where(file, path)}: {data!r} matches none of {_type_name(tp)}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{_where(file, path)}: {data!r} matches none of {_type_name(tp)}", key=path or None)
     if origin is Literal:
         choices = get_args(tp)
         if data not in choices:
-            raise ConfigError(f"{_where(file, path)}: {data!r} is not allowed{_suggest(data, choices)}")
+            raise ConfigError(f"{_where(file, path)}: {data!r} is not allowed{_suggest(data, choices)}",
+                              key=path or None)
         return data
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(data, (list, tuple)):
-            raise ConfigError(f"{_where(file, path)}: expected a list, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a list, got {type(data).__name__} {data!r}",
+                              key=path or None)
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(data):
-                raise ConfigError(f"{_where(file, path)}: expected {len(args)} items, got {len(data)}")
+                raise ConfigError(f"{_where(file, path)}: expected {len(args)} items, got {len(data)}",
+                                  key=path or None)
             return tuple(decode(a, d, f"{path}[{i}]", file) for i, (a, d) in enumerate(zip(args, data)))
         item = args[0] if args else Any
         out = [decode(item, d, f"{path}[{i}]", file) for i, d in enumerate(data)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a mapping, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a mapping, got {type(data).__name__} {data!r}",
+                              key=path or None)
         kt, vt = get_args(tp) or (str, Any)
         return {k: decode(vt, v, f"{path}.{k}" if path else str(k), file) for k, v in data.items()}
     if _is_slot_base(tp):
         if isinstance(data, tp):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a {tp.slot} mapping with a 'type' key, got {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a {tp.slot} mapping with a 'type' key, got {data!r}",
+                              key=path or None)
         if "type" not in data:
             raise ConfigError(f"{_where(file, path)}: missing field 'type' (the {tp.slot} component name)"
-                              f"{_suggest('', registered(tp.slot))}")
+                              f"{_suggest('', registered(tp.slot))}", key=path or None)
         cls = component_class(tp.slot, data["type"], file=file, path=f"{path}.type" if path else "type")
         return _decode_dataclass(cls, {k: v for k, v in data.items() if k != "type"}, path, file)
     if is_dataclass(tp):
         if isinstance(data, tp):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"{_where(file, path)}: expected a mapping for {tp.__name__}, got {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a mapping for {tp.__name__}, got {data!r}",
+                              key=path or None)
         return _decode_dataclass(tp, data, path, file)
     if tp is bool:
         if not isinstance(data, bool):
-            raise ConfigError(f"{_where(file, path)}: expected true/false, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected true/false, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     if tp is int:
         if isinstance(data, bool) or not isinstance(data, int):
-            raise ConfigError(f"{_where(file, path)}: expected an integer, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected an integer, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     if tp is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
@@ -219,11 +234,13 @@ def decode(tp, data, path: str = "", file: str | None = None):
                     return float(data)  # YAML reads 1e-6 as a string
                 except ValueError:
                     pass
-            raise ConfigError(f"{_where(file, path)}: expected a number, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a number, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return float(data)
     if tp is str:
         if not isinstance(data, str):
-            raise ConfigError(f"{_where(file, path)}: expected a string, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{_where(file, path)}: expected a string, got {type(data).__name__} {data!r}",
+                              key=path or None)
         return data
     return data
 
@@ -243,8 +260,11 @@ def _decode_dataclass(cls, data: dict, path: str, file: str | None):
                               f"{name!r} of {cls.__name__}")
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # a check that names its key (relative to this mapping)
+        key = f"{path}.{e.key}" if path and e.key else (e.key or path or None)
+        raise ConfigError(f"{_where(file, path)}: {e}", key=key) from e
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{_where(file, path)}: {e}") from e
+        raise ConfigError(f"{_where(file, path)}: {e}", key=path or None) from e
 
 
 def encode(obj) -> Any:
@@ -297,7 +317,7 @@ class Replace(dict):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML's safe loader plus the ``!replace`` tag on mappings."""
+    """YAML's safe loader plus the ``!replace`` tag on mappings (duplicate keys: :func:`load_yaml`)."""
 
 
 def _construct_replace(loader, node):
@@ -309,9 +329,48 @@ def _construct_replace(loader, node):
 _RecipeLoader.add_constructor("!replace", _construct_replace)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key repeated in one YAML mapping (plain YAML loaders keep the last value without a word).
+
+    ``path`` is the key path (``backbone.config.hidden_size``), ``line`` / ``first_line`` 1-based lines."""
+
+    def __init__(self, path: str, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {path!r} (first set at line {first_line})")
+        self.path, self.line, self.first_line = path, line, first_line
+
+
+def _check_duplicate_keys(node, path: str = "", _done: set | None = None):
+    _done = set() if _done is None else _done
+    if id(node) in _done:  # an alias of a node already checked
+        return
+    _done.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                sub = f"{path}.{k.value}" if path else k.value
+                if (k.tag, k.value) in seen:
+                    raise DuplicateKeyError(sub, k.start_mark.line + 1, seen[k.tag, k.value])
+                seen[k.tag, k.value] = k.start_mark.line + 1
+            else:
+                sub = path
+            _check_duplicate_keys(v, sub, _done)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _check_duplicate_keys(v, f"{path}[{i}]", _done)
+
+
 def load_yaml(text: str):
-    """Parse recipe YAML (safe loader + the ``!replace`` tag)."""
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse recipe YAML (safe loader + the ``!replace`` tag); a repeated key raises :class:`DuplicateKeyError`."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _plain(x):
@@ -363,6 +422,9 @@ def read_recipe(ref: str, _seen: tuple = ()) -> tuple[dict, str]:
         raise ConfigError(f"{f}: recipe inheritance loops through {' -> '.join(_seen)}")
     try:
         data = load_yaml(f.read_text())
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{f}:{e.line}: duplicate key {e.path!r} (first set at line {e.first_line}); "
+                          f"a YAML mapping keeps only the last value, so say it once", key=e.path) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{f}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -385,6 +447,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         return key, _plain(load_yaml(val))
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {item!r}: duplicate key {key}.{e.path}", key=f"{key}.{e.path}") from e
     except yaml.YAMLError:
         return key, val
 
@@ -461,7 +525,8 @@ def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = 
     model_fields = {f.name for f in _model_fields(data, file)}  # also checks the 'type' key
     if "name" in data and "name" not in model_fields:
         data.pop("name")  # a recipe's display name, not a field of the model config
-    return decode(ModelConfig, data, "", file)
+    from .validate import check_config  # sizes and policy knobs, each error naming its key path
+    return check_config(decode(ModelConfig, data, "", file), file=file)
 
 
 def _model_fields(data, file):
@@ -479,7 +544,7 @@ def dump_recipe(cfg) -> str:
 
 __all__ = ["ComponentConfig", "ConfigError", "register", "registered", "component_class", "decode", "encode",
            "load_recipe", "read_recipe", "load_yaml", "Replace", "list_recipes", "apply_overrides", "parse_override", "dump_recipe",
-           "dataclass"]
+           "dataclass", "DuplicateKeyError"]
 
 
 # ---------------------------------------------------------------------------------------------- field help

@@ -59,7 +59,8 @@ class VLAModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        from .validate import check_config
+        self.config = check_config(config)  # sizes and knobs (a config made in Python skips load_recipe)
         self._action_queue: deque = deque()
         # flow heads by output label (``actions``, ``coarse_actions``): blocks whose modules are registered
         # under upstream names with :meth:`expose`, so the dict itself is not a registered child

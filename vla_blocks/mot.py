@@ -48,9 +48,10 @@ class ExpertConfig:
     init_from: str | None = None
 
     def __post_init__(self):
-        if self.hidden_size <= 0 or self.intermediate_size <= 0:
-            raise ValueError(f"hidden_size and intermediate_size must be positive, got {self.hidden_size}, "
-                             f"{self.intermediate_size}")
+        from .validate import check_value
+        for k in ("hidden_size", "intermediate_size", "adarms_cond_dim"):
+            check_value(k, getattr(self, k), 1)
+        check_value("norm_eps", self.norm_eps, 0.0, integer=False)
 
 
 @dataclass
@@ -67,8 +68,20 @@ class MoTConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        from .config import ConfigError
+        from .validate import check_value
         if not self.experts:
             raise ValueError("an MoT stack needs at least one expert")
+        for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            check_value(k, getattr(self, k), 1)
+        from .attention.dispatch import backends
+        names = [b.name for b in backends()] + ["auto"]
+        if self.attention_backend not in names:
+            import difflib
+            close = difflib.get_close_matches(str(self.attention_backend), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"attention_backend: unknown attention backend {self.attention_backend!r}{hint} "
+                              f"(valid: {', '.join(names)})", key="attention_backend")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:

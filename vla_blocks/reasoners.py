@@ -339,6 +339,10 @@ class UnifiedAttentionModule(nn.Module):
         super().__init__()
         self.q_proj = nn.Linear(in_dim_1, hidden_dim)
         self.kv_proj = nn.Linear(in_dim_2, 2 * hidden_dim)
+        if num_heads < 1 or hidden_dim % num_heads:
+            from .config import ConfigError
+            raise ConfigError(f"agp_num_heads: {num_heads} heads do not divide the AGP width {hidden_dim} "
+                              f"(the action expert's hidden_size)", key="agp_num_heads")
         self.attn = nn.MultiheadAttention(hidden_dim, num_heads, bias=True, batch_first=True)
         self.fc_out = nn.Linear(hidden_dim, out_dim)
         self.apply_sigmoid = apply_sigmoid

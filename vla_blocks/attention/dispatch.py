@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .meta import MaskMeta
+from .meta import FLAG_VALID, MaskMeta
 
 
 class BackendUnavailable(RuntimeError):
@@ -57,6 +57,18 @@ class AttentionInputs:
         B, Hq, Nq, D = q.shape
         if k.shape[1] == 0 or Hq % k.shape[1]:
             r.append(f"query heads {Hq} are not a multiple of kv heads {k.shape[1]}")
+        if k.shape[:3] != v.shape[:3]:
+            r.append(f"k {list(k.shape)} and v {list(v.shape)} disagree in batch, heads or length")
+        if k.shape[0] != B or k.shape[3] != D:
+            r.append(f"k {list(k.shape)} does not match q {list(q.shape)} in batch or head_dim")
+        if self.prefix is not None:
+            kp, vp = self.prefix
+            if kp.dim() != 4 or vp.dim() != 4:
+                return r + [f"prefix k, v must be 4-D; got {kp.dim()}-D, {vp.dim()}-D"]
+            if kp.shape[:2] != k.shape[:2] or kp.shape[3] != k.shape[3] or vp.shape[:2] != v.shape[:2] \
+                    or vp.shape[3] != v.shape[3] or kp.shape[2] != vp.shape[2]:
+                r.append(f"prefix k {list(kp.shape)} / v {list(vp.shape)} do not match k {list(k.shape)} / "
+                         f"v {list(v.shape)} (same batch, heads and head_dim; k and v of one length)")
         nk = k.shape[2] + (self.prefix[0].shape[2] if self.prefix is not None else 0)
         if self.meta.q_len != Nq or self.meta.k_len != nk or self.meta.batch_size != B:
             r.append(f"mask metadata is [{self.meta.batch_size}, {self.meta.q_len}, {self.meta.k_len}] "
@@ -68,6 +80,9 @@ class AttentionBackend:
     """One way to compute masked attention. Subclasses set ``name`` and implement both methods."""
 
     name: str = "?"
+    #: False for a backend that never reads K/V at invalid keys (it packs the valid tokens only); otherwise
+    #: :func:`attention` zeroes them first, since a masked weight is 0 but 0 · NaN is NaN
+    reads_invalid_keys: bool = True
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
         """Why this backend cannot run ``inp`` (empty list: it can); each reason names what is missing or wrong."""
@@ -172,9 +187,41 @@ def _choose(inp: AttentionInputs, backend: str) -> AttentionBackend:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: MaskMeta, backend: str = "auto",
               prefix: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None) -> torch.Tensor:
-    """Masked multi-head attention over the Layout mask. Returns ``[B, Hq, Nq, D]``; rows with nothing to attend are 0."""
+    """Masked multi-head attention over the Layout mask. Returns ``[B, Hq, Nq, D]``; rows with nothing to attend are 0.
+
+    Values at invalid keys (tokens whose layout validity is off: padding, a masked camera) never reach a valid
+    row, whatever they hold (NaN, Inf): unless the backend packs valid tokens only, K and V are zeroed there
+    before the call (a masked weight is exactly 0, but 0 · NaN would still be NaN). Their gradient is 0.
+    """
     inp = AttentionInputs(q, k, v, meta, prefix, scale)
-    return choose_backend(inp, backend).forward(inp)
+    b = choose_backend(inp, backend)
+    if b.reads_invalid_keys:
+        inp = zero_invalid_keys(inp)
+    return b.forward(inp)
+
+
+def _invalid_keys(meta: MaskMeta, at: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The invalid keys ``[B, Nk]`` of ``meta`` split at ``at`` (prefix | keys of the call), None for a part
+    without any; computed once per batch and split."""
+    def build():
+        inv = (meta.k_flags & FLAG_VALID) == 0
+        parts = (inv[:, :at], inv[:, at:])
+        return tuple(p if bool(p.any()) else None for p in parts)
+    return meta.cached(("invalid_keys", at), build)
+
+
+def zero_invalid_keys(inp: AttentionInputs) -> AttentionInputs:
+    """``inp`` with K and V (and the cached prefix's) zeroed at the invalid keys of its metadata (``inp`` itself
+    when every key is valid)."""
+    at = inp.prefix[0].shape[2] if inp.prefix is not None else 0
+    inv_p, inv_k = _invalid_keys(inp.meta, at)
+    if inv_p is None and inv_k is None:
+        return inp
+
+    def fill(t, inv):
+        return t if inv is None else t.masked_fill(inv.to(t.device)[:, None, :, None], 0.0)
+    prefix = None if inp.prefix is None else (fill(inp.prefix[0], inv_p), fill(inp.prefix[1], inv_p))
+    return AttentionInputs(inp.q, fill(inp.k, inv_k), fill(inp.v, inv_k), inp.meta, prefix, inp.scale)
 
 
 _BUILTIN_DONE = False

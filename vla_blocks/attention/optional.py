@@ -262,6 +262,7 @@ class FlashAttnBackend(AttentionBackend):
     """flash-attn 2 ``flash_attn_varlen_func`` for masks that are causal or bidirectional within documents."""
 
     name = "flash_attn"
+    reads_invalid_keys = False  # the varlen plan packs the valid tokens only
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
         """Why flash-attn cannot run these inputs (not installed, not CUDA, dtype, head size, a mask it cannot express);
