@@ -67,3 +67,13 @@ def test_components_and_suites_are_registries():
     from vla_blocks.config import _REGISTRY, registered
     assert isinstance(SUITES, Registry) and "composition" in SUITES
     assert "pi0" in registered("model") and isinstance(_REGISTRY["model"], Registry)
+
+
+def test_attention_backends_and_converters_are_registries():
+    from vla_blocks.attention import dispatch
+    from vla_blocks.convert import CONVERTERS
+    assert isinstance(dispatch.BACKENDS, Registry) and isinstance(CONVERTERS, Registry)
+    assert dispatch.BACKENDS.names()[-2:] == ["sdpa_blocks", "sdpa"]   # dense sdpa stays last
+    assert "pi05-jax" in CONVERTERS
+    with pytest.raises(KeyError, match="did you mean 'sdpa'"):
+        dispatch.get_backend("sdpx")

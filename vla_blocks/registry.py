@@ -62,7 +62,8 @@ class Registry(Generic[T]):
     # -- registration ------------------------------------------------------------------------------
     def register(self, name: str, obj: T | None = None, *, before: str | None = None, replace: bool = False):
         """Register ``obj`` as ``name`` (or use as a decorator: ``@registry.register("name")``). ``before``
-        inserts it ahead of an existing entry (dispatch order); re-registering a name needs ``replace=True``."""
+        inserts it ahead of an existing entry (dispatch order); re-registering a name needs ``replace=True`` and
+        keeps the entry's place."""
         if obj is None:
             return lambda o: self.register(name, o, before=before, replace=replace) or o
         if not isinstance(name, str) or not name:
@@ -71,7 +72,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered (pass replace=True to override it)")
         if self.check is not None:
             self.check(obj)
-        entries = {k: v for k, v in self._entries.items() if k != name}
+        if name in self._entries:  # a replacement keeps its place in the order
+            self._entries[name] = obj
+            return obj
+        entries = dict(self._entries)
         if before is not None and before in entries:
             items = list(entries.items())
             at = [k for k, _ in items].index(before)

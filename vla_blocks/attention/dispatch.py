@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import Registry
 from .meta import FLAG_VALID, MaskMeta
 
 
@@ -97,40 +98,35 @@ class AttentionBackend:
         return []
 
 
-_BACKENDS: list[AttentionBackend] = []
+def _check_backend(backend) -> None:
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"an attention backend must be an AttentionBackend, got {type(backend).__name__}")
+
+
+#: The attention backends in the order ``auto`` tries them (a :class:`~vla_blocks.registry.Registry`: the
+#: built-in ones register when ``vla_blocks.attention.builtin`` is imported; plug-ins through the entry-point
+#: group ``vla_blocks.attention_backends``, e.g. a module calling :func:`register_backend`).
+BACKENDS: Registry[AttentionBackend] = Registry("attention backend", group="vla_blocks.attention_backends",
+                                                builtins=("vla_blocks.attention.builtin",), check=_check_backend)
 _REGISTRY_VERSION = [0]  # bumped by register_backend: cached choices made before a registration are stale
 
 
 def register_backend(backend: AttentionBackend, before: str | None = "sdpa") -> AttentionBackend:
-    """Add a backend to the priority list, by default just before ``sdpa`` (which stays last)."""
+    """Add a backend to the priority list, by default just before ``sdpa`` (which stays last); a backend of a
+    registered name replaces it in place."""
     _REGISTRY_VERSION[0] += 1
-    names = [b.name for b in _BACKENDS]
-    if backend.name in names:
-        _BACKENDS[names.index(backend.name)] = backend
-        return backend
-    if before is not None and before in names:
-        _BACKENDS.insert(names.index(before), backend)
-    else:
-        _BACKENDS.append(backend)
-    return backend
+    return BACKENDS.register(backend.name, backend, before=before, replace=True)
 
 
 def backends() -> list[AttentionBackend]:
     """The registered backends in the order ``auto`` tries them."""
-    _ensure_builtin()
-    return list(_BACKENDS)
+    return BACKENDS.values()
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend named ``name``; ``KeyError`` with the closest name and the known ones otherwise."""
-    for b in backends():
-        if b.name == name:
-            return b
-    import difflib
-    names = [b.name for b in _BACKENDS]
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise KeyError(f"unknown attention backend {name!r}{hint}; known: {names + ['auto']}")
+    """The backend named ``name``; a ``KeyError`` (:class:`~vla_blocks.registry.UnknownNameError`) with the
+    closest names and the known ones otherwise (``auto`` is a choice, not a backend)."""
+    return BACKENDS.get(name)
 
 
 def _signature(inp: AttentionInputs) -> tuple:
@@ -222,14 +218,3 @@ def zero_invalid_keys(inp: AttentionInputs) -> AttentionInputs:
         return t if inv is None else t.masked_fill(inv.to(t.device)[:, None, :, None], 0.0)
     prefix = None if inp.prefix is None else (fill(inp.prefix[0], inv_p), fill(inp.prefix[1], inv_p))
     return AttentionInputs(inp.q, fill(inp.k, inv_k), fill(inp.v, inv_k), inp.meta, prefix, inp.scale)
-
-
-_BUILTIN_DONE = False
-
-
-def _ensure_builtin():
-    global _BUILTIN_DONE
-    if _BUILTIN_DONE:
-        return
-    _BUILTIN_DONE = True
-    from . import builtin as _b  # noqa: F401  (registers sdpa, flex, and the optional kernels)

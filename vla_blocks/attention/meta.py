@@ -236,7 +236,7 @@ class MaskMeta:
         return self.cached("row_is_empty", self._row_is_empty)
 
     def _row_is_empty(self) -> torch.Tensor:
-        B, nq, nk = self.batch_size, self.q_len, self.k_len
+        B, nq = self.batch_size, self.q_len
         dev = self.q_idx.device
         qv = (self.q_flags & FLAG_VALID) != 0
         kv = (self.k_flags & FLAG_VALID) != 0
