@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vla_blocks.models.acot import ACOT_FROM_PI05
 from vla_blocks import hub
 from vla_blocks.cli import main
 from vla_blocks.convert import ConversionError, check_mapping, convert
@@ -397,7 +398,7 @@ def test_acot_from_pi05_initialises_new_experts_from_the_action_expert(tmp_path)
     pi05 = VLAModel.from_pretrained(out)
     acot, report = VLAModel.from_pretrained(out, recipe="acot-tiny",
                                             overrides={"backbone.config.num_hidden_layers": PL},
-                                            output_loading_info=True, **hub.ACOT_FROM_PI05)
+                                            output_loading_info=True, **ACOT_FROM_PI05)
     assert type(acot).__name__ != type(pi05).__name__
     assert report.ok and report.allowed_missing
     a, p = acot.state_dict(), pi05.state_dict()
@@ -499,11 +500,11 @@ def test_halo_vae_from_flux_ldm_names(halo_src, tmp_path):
 
 def test_full_size_pi05_loads_into_the_acot_recipe_with_the_preset():
     """Names and shapes on the meta device: the full pi05 recipe's weights fill acot-libero through
-    ``hub.ACOT_FROM_PI05``; only the new reasoner modules keep their initialisation."""
+    ``ACOT_FROM_PI05``; only the new reasoner modules keep their initialisation."""
     with torch.device("meta"):
         pi05 = model_config("pi05").build().state_dict()
         acot = model_config("acot-libero").build()
-    report = hub.load_weights(acot, pi05, dry_run=True, **hub.ACOT_FROM_PI05)
+    report = hub.load_weights(acot, pi05, dry_run=True, **ACOT_FROM_PI05)
     assert report.ok and not report.unexpected
     assert any(".experts.ear." in t and ".experts.act." in s for t, s in report.remapped.items())
     assert report.remapped["coarse_action_out_proj.weight"] == "action_out_proj.weight"

@@ -5,8 +5,7 @@ from ``hf-hub:org/name[@rev]`` / ``local-dir:path``; ``vla_blocks.list_recipes()
 shipped with the package.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import ConfigError, list_recipes, load_recipe, register  # noqa: E402
 from .model import VLAModel, create_model, model_config  # noqa: E402
 

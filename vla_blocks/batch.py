@@ -28,7 +28,7 @@ The schema is printed by ``vla-blocks info RECIPE --batch``; ``BatchSchema.descr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch

@@ -35,7 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train a recipe (one process, DDP or FSDP2 under torchrun) with checkpoints and exact resume",
               "vla_blocks.train.api:add_arguments", "vla_blocks.train.api:run"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
-              "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
+              "vla_blocks.data.cli:add_arguments", "vla_blocks.data.cli:run"),
     "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
                  "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
     "trace": ("view saved policy / episode traces as one self-contained offline HTML report",

@@ -45,19 +45,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import ConfigError
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "vla_blocks.components"
-
-
-class ConfigError(ValueError):
-    """A recipe or override is malformed; the message names the file, the key path and suggestions.
-
-    ``key`` is the offending key path (``backbone.config.num_key_value_heads``) where one is known, else None."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
 
 
 def _where(file: str | None, path: str) -> str:
@@ -512,7 +503,8 @@ def _deepcopy(x):
 
 def load_recipe(ref: str | dict, overrides: dict[str, Any] | list[str] | None = None):
     """Load a model recipe (name, path or raw dict) with dotted overrides into a typed model config."""
-    from .components import ModelConfig  # the model slot base
+    _load_plugins()
+    ModelConfig = _SLOTS["model"]  # noqa: N806  (the model slot base, defined in vla_blocks.components)
     if isinstance(ref, dict):
         data, file = _deepcopy(ref), "<dict>"
     else:

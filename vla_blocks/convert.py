@@ -743,5 +743,5 @@ def run_cli(args) -> int:
 
 
 
-__all__ = ["convert", "converter", "check_mapping", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
+__all__ = ["convert", "converter", "check_mapping", "HALO_CONFIG_FILES", "ShapeSource", "CONVERTERS", "ConverterSpec", "ConversionReport", "ConversionError", "SourceCheckpoint",
            "source_files", "halo_key_map", "lerobot_pi0_key_map", "convert_vae_state", "read_norm_stats"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch

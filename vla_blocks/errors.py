@@ -4,7 +4,8 @@ Every type derives from a builtin (``ValueError`` mostly), so code that already 
 working; each carries the offending ``key`` (a batch key, a statistics key, a key path, a filter) so callers
 and tests can tell which input was wrong without parsing the message.
 
-- :class:`~vla_blocks.config.ConfigError` (``ValueError``): a recipe, override or model reference is malformed.
+- :class:`ConfigError` (``ValueError``): a recipe, override or model reference is malformed (also importable as
+  ``vla_blocks.config.ConfigError``).
 - :class:`BatchError` (``ValueError``): a policy batch breaks the model's declared batch contract
   (:mod:`vla_blocks.batch`): a missing key, a wrong shape / dtype / range, NaN or Inf, batch sizes that disagree.
   A missing key is a :class:`MissingKeyError`, also a ``KeyError``.
@@ -17,9 +18,17 @@ and tests can tell which input was wrong without parsing the message.
 
 from __future__ import annotations
 
-from .config import ConfigError
-
 __all__ = ["ConfigError", "VLAError", "BatchError", "MissingKeyError", "StatsError", "LoadError"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override is malformed; the message names the file, the key path and suggestions.
+
+    ``key`` is the offending key path (``backbone.config.num_key_value_heads``) where one is known, else None."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class VLAError(ValueError):

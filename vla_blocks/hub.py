@@ -47,8 +47,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, encode, list_recipes, load_recipe
-from .model import ModelRef, parse_model_ref
+from .config import ConfigError, encode, load_recipe
+from .refs import REPO_ID as _REPO_ID
+from .refs import ModelRef, parse_model_ref, parse_ref  # noqa: F401  (re-exported: hub.parse_ref)
 
 logger = logging.getLogger(__name__)
 
@@ -136,28 +137,6 @@ def _listing(title: str, items: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- references
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
-
-
-def parse_ref(ref: str | os.PathLike | ModelRef) -> ModelRef:
-    """A :class:`ModelRef` from ``hf-hub:`` / ``local-dir:`` strings, folders, recipe names/paths, ``org/name``."""
-    if isinstance(ref, ModelRef):
-        return ref
-    if isinstance(ref, os.PathLike):
-        return ModelRef("local-dir", os.fspath(ref))
-    if not isinstance(ref, str) or not ref:
-        raise ConfigError(f"model reference must be a non-empty string or path, got {ref!r}")
-    if ref.startswith(("hf-hub:", "local-dir:")):
-        return parse_model_ref(ref)
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        return ModelRef("local-dir", str(p))
-    if p.suffix in (".yaml", ".yml") or ref in list_recipes():
-        return ModelRef("recipe", ref)
-    if _REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        return parse_model_ref("hf-hub:" + ref)
-    raise ConfigError(f"{ref!r} is not a folder, a recipe or a Hub repo id; use hf-hub:org/name[@revision], "
-                      f"local-dir:path or a recipe name ({', '.join(list_recipes())})")
 
 
 def _describe(ref: ModelRef) -> str:
@@ -205,7 +184,7 @@ def _download(repo_id: str, revision: str | None, *, cache_dir=None, local_files
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
-    from . import __version__
+    from ._version import __version__
     where = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
     rev = f" --revision {revision}" if revision else ""
     how = (f"set HF_HUB_OFFLINE=0 (and drop local_files_only) to download it, or pre-download it while online with "
@@ -248,7 +227,7 @@ def read_config_data(folder: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or "type" not in data:
         raise ConfigError(f"{f}: not a vla_blocks config (a mapping with a 'type' key naming the model)")
     saved = data.pop(VERSION_KEY, None)
-    from . import __version__
+    from ._version import __version__
     if saved and _version_tuple(saved)[:2] > _version_tuple(__version__)[:2]:
         logger.warning("%s was saved by vla_blocks %s, newer than this %s; loading may fail", f, saved, __version__)
     return data
@@ -494,11 +473,6 @@ def _alias_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def __getattr__(name):  # ACOT_FROM_PI05 lives beside ACoT (vla_blocks.models.acot); kept importable from here
-    if name == "ACOT_FROM_PI05":
-        from .models.acot import ACOT_FROM_PI05
-        return ACOT_FROM_PI05
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- loading weights
@@ -760,7 +734,7 @@ def model_card(model: nn.Module, repo_id: str | None = None, **card_kwargs) -> s
     """The README.md of a saved model: YAML front matter (library ``vla_blocks``, tags) and a short body."""
     from huggingface_hub import ModelCardData
 
-    from . import __version__
+    from ._version import __version__
     cfg = model.config
     tags = ["robotics", "vla", "vla_blocks", getattr(cfg, "type", "") or type(model).__name__.lower()]
     tags += [t for t in card_kwargs.pop("tags", []) if t not in tags]
@@ -799,7 +773,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     """
     from huggingface_hub import save_torch_state_dict
 
-    from . import __version__
+    from ._version import __version__
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no recipe config; only vla_blocks models can be saved")
     dest = Path(save_directory).expanduser().absolute()
@@ -982,5 +956,5 @@ def run_push(args) -> int:
 __all__ = ["save_pretrained", "from_pretrained", "load_model", "load_config", "load_weights", "push_to_hub",
            "resolve_folder", "check_folder", "parse_ref", "portable_config", "model_card", "Checkpoint",
            "LoadReport", "WeightsMismatchError", "CorruptCheckpointError", "HubAccessError", "expert_key_map",
-           "prefix_key_map", "read_config_data", "ACOT_FROM_PI05", "CONFIG_NAME", "WEIGHTS_NAME",
+           "prefix_key_map", "read_config_data", "CONFIG_NAME", "WEIGHTS_NAME",
            "WEIGHTS_INDEX_NAME", "NORM_NAME", "HUB_PATTERNS"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 from .batch import BatchSchema, CheckedBatch
 from .config import ConfigError, load_recipe
+from .refs import ModelRef, parse_model_ref  # noqa: F401  (re-exported: vla_blocks.model.ModelRef)
 from .errors import BatchError
 
 
@@ -223,38 +223,6 @@ def _checked_entry(fn, mode: str):
 
     wrapper._checks_batch = True
     return wrapper
-
-
-@dataclass
-class ModelRef:
-    """A parsed model reference: ``kind`` (``recipe``, ``hf-hub`` or ``local-dir``), ``target`` (recipe name/path,
-    ``org/name`` or folder) and the Hub ``revision``."""
-    kind: str  # "recipe" | "hf-hub" | "local-dir"
-    target: str
-    revision: str | None = None
-
-
-def parse_model_ref(ref: str) -> ModelRef:
-    """Parse ``"NAME"`` / ``"path.yaml"``, ``"hf-hub:org/name[@revision]"`` or ``"local-dir:path"`` into a
-    :class:`ModelRef`; ``ConfigError`` on a malformed reference."""
-    if not isinstance(ref, str) or not ref:
-        raise ConfigError(f"model reference must be a non-empty string, got {ref!r}")
-    if ref.startswith("hf-hub:"):
-        target = ref[len("hf-hub:"):]
-        rev = None
-        if "@" in target:
-            target, rev = target.split("@", 1)
-            if not rev:
-                raise ConfigError(f"{ref!r}: empty revision after '@'")
-        if target.count("/") != 1 or not all(target.split("/")):
-            raise ConfigError(f"{ref!r}: expected hf-hub:org/name[@revision]")
-        return ModelRef("hf-hub", target, rev)
-    if ref.startswith("local-dir:"):
-        target = ref[len("local-dir:"):]
-        if not target:
-            raise ConfigError(f"{ref!r}: expected local-dir:path")
-        return ModelRef("local-dir", target)
-    return ModelRef("recipe", ref)
 
 
 def _split_overrides(overrides: dict) -> dict:

@@ -19,7 +19,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # name -> (minimum, integer?): fields of that name anywhere in a config tree must be >= minimum
 FIELD_RULES: dict[str, tuple[float, bool]] = {

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -381,7 +380,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def iter_columns(self, keys: Sequence[str], batch_rows: int = 65536) -> Iterator[dict[str, np.ndarray]]:
         """Numeric columns ``keys`` of the selected episodes, in blocks of at most ``batch_rows`` rows."""
-        pq = require("pyarrow.parquet")
+        require("pyarrow.parquet")  # the data extra, named in the error if it is missing
         for e in self.episodes:
             rel = self.meta.data_file(e)
             first = self._file_first[rel]

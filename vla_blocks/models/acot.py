@@ -272,7 +272,6 @@ class ACoTVLA(Pi0Model):
 #: final action expert both copy pi0.5's action expert, the ``coarse_*`` heads copy the action heads, and the
 #: reasoner modules (new in ACoT) keep their initialisation.
 #: ``VLAModel.from_pretrained("local-dir:pi05", recipe="acot-libero", **ACOT_FROM_PI05)``
-#: (also importable as ``vla_blocks.hub.ACOT_FROM_PI05``).
 ACOT_FROM_PI05: dict = {
     "expert_map": {"ear": "act"},
     "key_map": {"coarse_action_in_proj": "action_in_proj", "coarse_action_out_proj": "action_out_proj",

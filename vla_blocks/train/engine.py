@@ -31,8 +31,7 @@ import torch.nn as nn
 from ..config import ConfigError, encode
 from .checkpoint import Checkpointer, set_rng_state
 from .config import TrainConfig
-from .distributed import (DistInfo, all_reduce_mean, barrier, full_state_dict, full_tensor, init_distributed, unwrap,
-                          wrap_model, wrap_units)
+from .distributed import (DistInfo, all_reduce_mean, barrier, full_state_dict, full_tensor, init_distributed, wrap_model, wrap_units)
 
 
 # ---------------------------------------------------------------------------------------------- model surgery
