@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
              "vla_blocks.hub:add_push_arguments", "vla_blocks.hub:run_push"),
     "bench": ("run a benchmark suite (attention, inference, backbone) and write results",
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
+    "train": ("train a recipe (one process, DDP or FSDP2 under torchrun) with checkpoints and exact resume",
+              "vla_blocks.train.api:add_arguments", "vla_blocks.train.api:run"),
     "stats": ("normalisation statistics of a LeRobotDataset (mean/std/min/max/quantiles) -> normalization.json",
               "vla_blocks.data.stats:add_arguments", "vla_blocks.data.stats:run"),
     "annotate": ("HALO EM-CoT annotation (primitives, VLM or rule subtasks, subgoals) -> DATASET/meta/emcot",
