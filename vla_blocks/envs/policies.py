@@ -1,0 +1,191 @@
+"""Policies the evaluation loop drives: a trained model through its processor, a policy server, and the
+references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour behaviour cloning).
+
+Every policy has ``needs_images`` (render only when it is queried), ``reset(seed)`` (per-episode randomness,
+so results do not depend on which worker ran an episode) and ``act(env, obs) -> (chunk [K, A] raw actions,
+trace or None)``. :func:`load_policy` builds one from the ``MODEL`` argument of ``vla-blocks eval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "load_policy", "POLICY_HELP"]
+
+POLICY_HELP = ("a saved model folder (local-dir:PATH, a path, or a train run folder: its final/), hf-hub:org/name, "
+               "or a reference: 'expert' (scripted), 'random' (uniform actions), 'nn:DATASET' (1-nearest-neighbour "
+               "behaviour cloning on observation.state of a demos dataset)")
+
+
+class ExpertPolicy:
+    """The suite's scripted expert (one action per query)."""
+
+    name = "expert"
+    needs_images = False
+    chunk = 1
+
+    def reset(self, seed: int):
+        pass
+
+    def act(self, env, obs):
+        return env.expert_action(obs)[None], None
+
+
+class RandomPolicy:
+    """Uniform actions in the env's bounds (one per query), from a per-episode generator."""
+
+    name = "random"
+    needs_images = False
+    chunk = 1
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, env, obs):
+        return self.rng.uniform(env.action_low, env.action_high, size=(1, env.action_dim)).astype(np.float32), None
+
+
+class NearestNeighbourPolicy:
+    """1-NN behaviour cloning: the action of the demonstration frame of the same task whose ``key`` vector
+    (default ``observation.state``) is nearest (Euclidean, after z-scoring each dimension over the dataset)."""
+
+    needs_images = False
+    chunk = 1
+
+    def __init__(self, root, key: str = "observation.state"):
+        from ..data import LeRobotDataset
+        ds = LeRobotDataset(root, decode_video=False)
+        if key not in ds.features:
+            raise KeyError(f"{root}: no feature {key!r} for the nearest-neighbour policy (have {list(ds.features)})")
+        cols = {k: [] for k in (key, "action", "task_index")}
+        for batch in ds.iter_columns(list(cols)):
+            for k in cols:
+                cols[k].append(np.asarray(batch[k]))
+        x = np.concatenate(cols[key]).astype(np.float64).reshape(-1, int(np.prod(ds.features[key]["shape"])))
+        a = np.concatenate(cols["action"]).astype(np.float32).reshape(x.shape[0], -1)
+        ti = np.concatenate(cols["task_index"]).reshape(-1).astype(int)
+        tasks = ds.meta.tasks if hasattr(ds.meta, "tasks") else None
+        names = _task_names(ds.meta)
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        z = (x - self.mean) / self.std
+        self.by_task = {names[i]: (z[ti == i], a[ti == i]) for i in np.unique(ti)}
+        self.key, self.root = key, str(root)
+        self.name = f"nn:{Path(root).name}"
+        del tasks
+
+    def reset(self, seed: int):
+        pass
+
+    def act(self, env, obs):
+        if env.instruction not in self.by_task:
+            raise KeyError(f"{self.root}: no demonstrations for {env.instruction!r} (have {sorted(self.by_task)})")
+        z, a = self.by_task[env.instruction]
+        v = obs.state if self.key == "observation.state" else obs.raw
+        q = (np.asarray(v, dtype=np.float64).reshape(-1) - self.mean) / self.std
+        return a[int(np.argmin(((z - q) ** 2).sum(1)))][None].copy(), None
+
+
+def _task_names(meta) -> dict[int, str]:
+    tasks = getattr(meta, "tasks", None)
+    if isinstance(tasks, dict):
+        return {int(k): v for k, v in tasks.items()} if all(isinstance(v, str) for v in tasks.values()) \
+            else {int(v): k for k, v in tasks.items()}
+    if isinstance(tasks, (list, tuple)):
+        return dict(enumerate(tasks))
+    raise TypeError(f"cannot read task names from {type(meta).__name__}.tasks ({type(tasks).__name__})")
+
+
+class ModelPolicy:
+    """A model and its processor: observation → frame → batch → ``predict_action_chunk`` → raw actions, of
+    which ``n_action_steps`` are executed. Flow noise comes from a generator re-seeded per episode."""
+
+    needs_images = True
+
+    def __init__(self, model, processor, n_action_steps: int | None = None, name: str = "model",
+                 trace: bool = False):
+        import torch
+        self.model = model.eval()
+        self.processor = processor.eval()
+        if processor.model is None:
+            processor.bind(model)
+        cfg = model.config
+        horizon = getattr(cfg, "action_horizon", None) or getattr(cfg, "chunk_size", None)
+        n = n_action_steps or getattr(cfg, "n_action_steps", None) or horizon
+        if horizon is not None and n > horizon:
+            raise ValueError(f"n_action_steps={n} exceeds the model's chunk of {horizon} actions")
+        self.chunk = int(n)
+        self.name = name
+        self.trace = trace
+        self.generator = torch.Generator().manual_seed(0)
+        self.is_halo = processor.config.policy == "halo"
+        self.history: list = []
+
+    def reset(self, seed: int):
+        self.generator.manual_seed(int(seed))
+        self.history = []
+
+    def act(self, env, obs):
+        import torch
+        frame = env.frame(obs)
+        policy_trace = None
+        with torch.no_grad():
+            if self.is_halo:
+                batch = self.processor(frame)
+                batch["generator"] = self.generator
+                out = self.model.predict_action_chunk(batch)
+            else:
+                batch = self.processor(frame)
+                if self.trace:
+                    from ..trace import recording
+                    with recording(self.model) as rec:
+                        out = self.model.predict_action_chunk(batch, generator=self.generator)
+                    tr = rec.traces()
+                    policy_trace = tr[0] if tr else None
+                else:
+                    out = self.model.predict_action_chunk(batch, generator=self.generator)
+        raw = self.processor.postprocess(out.float())[0].numpy()
+        return raw[:self.chunk], policy_trace
+
+
+def _model_folder(ref: str) -> Path | None:
+    p = Path(ref[len("local-dir:"):] if ref.startswith("local-dir:") else ref)
+    if p.is_dir():
+        if (p / "final").is_dir() and not (p / "config.json").is_file():
+            return p / "final"
+        return p
+    return None
+
+
+def load_policy(ref: str, n_action_steps: int | None = None, trace: bool = False, device: str = "cpu") -> Any:
+    """The policy named by ``ref`` (see :data:`POLICY_HELP`)."""
+    if ref == "expert":
+        return ExpertPolicy()
+    if ref == "random":
+        return RandomPolicy()
+    if ref.startswith("nn:"):
+        return NearestNeighbourPolicy(ref[3:])
+    from .. import create_model
+    from ..data import PolicyProcessor
+    folder = _model_folder(ref)
+    if folder is None and not ref.startswith("hf-hub:"):
+        raise FileNotFoundError(f"model {ref!r}: not a folder, an hf-hub: reference or a reference policy "
+                                f"({POLICY_HELP})")
+    if folder is not None:
+        model = create_model(f"local-dir:{folder}")
+        proc_dir = folder
+    else:
+        from huggingface_hub import snapshot_download
+        proc_dir = Path(snapshot_download(ref[len("hf-hub:"):]))
+        model = create_model(ref)
+    if not (Path(proc_dir) / "processor_config.json").is_file():
+        raise FileNotFoundError(f"{proc_dir}: no processor_config.json beside the model (train with a data: "
+                                "section, or save the processor with PolicyProcessor.save_pretrained)")
+    model = model.to(device)
+    proc = PolicyProcessor.from_pretrained(proc_dir, model)
+    return ModelPolicy(model, proc, n_action_steps, name=str(ref), trace=trace)
