@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -22,6 +23,9 @@ def close_envs():
     for env in _ENVS.values():
         env.close()
     _ENVS.clear()
+
+
+atexit.register(close_envs)  # free GL contexts before interpreter teardown (EGL errors at exit otherwise)
 
 
 def _init(threads: int, init: Callable | None, init_args: tuple):

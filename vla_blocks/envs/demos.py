@@ -185,6 +185,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:
+        print(f"vla-blocks demos: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from .metaworld import METAWORLD_TASKS
     tasks = [t for t in (args.tasks.split(",") if args.tasks else METAWORLD_TASKS) if t]
     s = generate_demos(args.out, args.suite, tasks, args.episodes, args.size, args.camera, args.state, args.seed,

@@ -172,14 +172,11 @@ def evaluate(model: str | Any, suite: str = "metaworld", tasks: Sequence[str] = 
             for t in tasks for c in configs]
     ref = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc=f"eval {ref}", file=sys.stderr, dynamic_ncols=True)
     results: list[dict | None] = [None] * len(jobs)
     if isinstance(model, str):
         spec = {"ref": model, "n_action_steps": n_action_steps, "trace": trace}
-        from .policies import load_policy
+        from .policies import check_ref, load_policy
+        check_ref(model)
         local = load_policy(model, n_action_steps, trace=trace != "none") if workers <= 1 else None
         chunk = getattr(local, "chunk", None)
         it = run_jobs(run_episode, jobs, workers, init=_set_policy, init_args=(spec,)) if workers > 1 \
@@ -189,6 +186,10 @@ def evaluate(model: str | Any, suite: str = "metaworld", tasks: Sequence[str] = 
         if workers > 1:
             raise ValueError("an in-process policy object runs with workers=1 (give a model reference for workers)")
         it = ((i, run_episode(j, local)) for i, j in enumerate(jobs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc=f"eval {ref}", file=sys.stderr, dynamic_ncols=True)
     n_ok = 0
     for i, r in it:
         results[i] = r
@@ -238,6 +239,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:
+        print(f"vla-blocks eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from .metaworld import METAWORLD_TASKS
     tasks = [t for t in (args.tasks.split(",") if args.tasks else METAWORLD_TASKS) if t]
     res = evaluate(args.model, args.env, tasks, args.episodes, args.out, args.seed, args.horizon,

@@ -65,6 +65,12 @@ _BENCH_CACHE: dict[tuple[str, int], Any] = {}
 def import_metaworld():
     """Import metaworld headless (``MUJOCO_GL=egl`` unless set) or fail naming the extra."""
     os.environ.setdefault("MUJOCO_GL", "egl")
+    # Mesa's llvmpipe loads its LLVM when the first GL context is made; importing triton (its own LLVM; torch
+    # and transformers import it lazily) after that segfaults the process. Loaded first, both coexist.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
     try:
         import metaworld  # noqa: F401
         from metaworld.policies import ENV_POLICY_MAP  # noqa: F401

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "load_policy", "POLICY_HELP"]
+__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "load_policy", "check_ref",
+           "POLICY_HELP"]
 
 POLICY_HELP = ("a saved model folder (local-dir:PATH, a path, or a train run folder: its final/), hf-hub:org/name, "
                "or a reference: 'expert' (scripted), 'random' (uniform actions), 'nn:DATASET' (1-nearest-neighbour "
@@ -160,6 +161,23 @@ def _model_folder(ref: str) -> Path | None:
             return p / "final"
         return p
     return None
+
+
+def check_ref(ref: str) -> None:
+    """Fail early (before spawning workers) when ``ref`` names no policy."""
+    if ref in ("expert", "random") or ref.startswith("hf-hub:"):
+        return
+    if ref.startswith("nn:"):
+        if not Path(ref[3:]).is_dir():
+            raise FileNotFoundError(f"nn: dataset {ref[3:]!r} is not a folder")
+        return
+    folder = _model_folder(ref)
+    if folder is None:
+        raise FileNotFoundError(f"model {ref!r}: not a folder, an hf-hub: reference or a reference policy "
+                                f"({POLICY_HELP})")
+    if not (folder / "processor_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no processor_config.json beside the model (train with a data: "
+                                "section, or save the processor with PolicyProcessor.save_pretrained)")
 
 
 def load_policy(ref: str, n_action_steps: int | None = None, trace: bool = False, device: str = "cpu") -> Any:
