@@ -180,3 +180,24 @@ def test_smoke_demos_train_eval(tmp_path, capsys):
         assert tr["success"] == e["success"]
     md = (ev_dir / "results.md").read_text()
     assert f"**{out['success_rate']:.2f}**" in md and all(t in md for t in TASKS)
+
+
+@pytest.mark.slow
+def test_bench_metaworld_smoke(tmp_path):
+    """`vla-blocks bench metaworld --smoke` (references only) writes a consistent table."""
+    argv = ["bench", "metaworld", "--smoke", "--out", str(tmp_path), "--quiet", "--device", "cpu",
+            "--set", "models=expert,random,nn"]
+    assert main(argv) == 0
+    (js,) = tmp_path.glob("*/metaworld.json")
+    p = json.loads(js.read_text())
+    assert p["suite"] == "metaworld" and p["smoke"] is True
+    rows = {r["name"]: r for r in p["results"]}
+    assert list(rows) == ["expert", "random", "nn"] and all(r["kind"] == "reference" for r in rows.values())
+    assert p["demos"]["episodes"] == 6
+    for r in rows.values():
+        assert r["episodes"] == 2 and set(r["per_task"]) == set(TASKS)
+        assert r["success_rate"] == sum(t["successes"] for t in r["per_task"].values()) / 2
+    # reference metaworld.md §4: the expert solves these configurations, random actions never do
+    assert rows["expert"]["success_rate"] == 1.0 and rows["random"]["success_rate"] == 0.0
+    md = js.with_suffix(".md").read_text()
+    assert "| expert (ref) | 1.00 |" in md
