@@ -141,7 +141,8 @@ class ModelPolicy:
                 batch["generator"] = self.generator
                 out = self.model.predict_action_chunk(batch)
             else:
-                batch = self.processor(frame)
+                dev = next(self.model.parameters()).device
+                batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in self.processor(frame).items()}
                 if self.trace:
                     from ..trace import recording
                     with recording(self.model) as rec:
@@ -150,7 +151,7 @@ class ModelPolicy:
                     policy_trace = tr[0] if tr else None
                 else:
                     out = self.model.predict_action_chunk(batch, generator=self.generator)
-        raw = self.processor.postprocess(out.float())[0].numpy()
+        raw = self.processor.postprocess(out.float().cpu())[0].numpy()
         return raw[:self.chunk], policy_trace
 
 
