@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -23,9 +22,6 @@ def close_envs():
     for env in _ENVS.values():
         env.close()
     _ENVS.clear()
-
-
-atexit.register(close_envs)  # free GL contexts before interpreter teardown (EGL errors at exit otherwise)
 
 
 def _init(threads: int, init: Callable | None, init_args: tuple):

@@ -20,8 +20,10 @@ Success is ``info["success"]`` at any step; the env never terminates by itself a
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -90,6 +92,12 @@ def _benchmark(task: str, seed: int):
     return _BENCH_CACHE[key]
 
 
+def _close_at_exit(ref):
+    env = ref()
+    if env is not None:
+        env.close()
+
+
 def task_instruction(task: str) -> str:
     return METAWORLD_INSTRUCTIONS.get(task) or task.removesuffix("-v3").replace("-", " ")
 
@@ -139,6 +147,7 @@ class MetaWorldEnv(EnvAdapter):
         from metaworld.policies import ENV_POLICY_MAP
         self._expert = ENV_POLICY_MAP[task]() if task in ENV_POLICY_MAP else None
         self._raw: np.ndarray | None = None
+        self._rendered = False
         self._t = 0
         self.config: tuple[int, int] | None = None
 
@@ -183,7 +192,13 @@ class MetaWorldEnv(EnvAdapter):
                           {k: float(v) for k, v in info.items() if np.isscalar(v)})
 
     def render(self) -> dict[str, np.ndarray]:
+        first = not self._rendered
         img = self.env.render()
+        if first:
+            # The first render creates the GL context and mujoco registers the EGL display teardown at exit;
+            # free the context before it (atexit is last-in, first-out), or exit prints EGL errors.
+            self._rendered = True
+            atexit.register(_close_at_exit, weakref.ref(self))
         return {self.camera: np.ascontiguousarray(img[::-1, ::-1])}
 
     def expert_action(self, obs: Observation | None = None) -> np.ndarray:
