@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-SUITES = ("attention", "inference", "backbone", "data", "metaworld")
+SUITES = ("attention", "inference", "backbone", "data", "serve", "metaworld")
 SCHEMA_VERSION = 1
 
 # Dense (non-sparse) tensor-core peaks in TFLOP/s, by GPU name fragment (longest match first).

@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                 "vla_blocks.convert:add_cli_arguments", "vla_blocks.convert:run_cli"),
     "push": ("upload a saved model folder to the Hugging Face Hub",
              "vla_blocks.hub:add_push_arguments", "vla_blocks.hub:run_push"),
-    "bench": ("run a benchmark suite (attention, inference, backbone) and write results",
+    "bench": ("run a benchmark suite (attention, inference, backbone, serve) and write results",
               "vla_blocks.bench:add_arguments", "vla_blocks.bench:cmd_bench"),
     "train": ("train a recipe (one process, DDP or FSDP2 under torchrun) with checkpoints and exact resume",
               "vla_blocks.train.api:add_arguments", "vla_blocks.train.api:run"),
@@ -42,6 +42,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "vla_blocks.envs.demos:add_arguments", "vla_blocks.envs.demos:run"),
     "eval": ("closed-loop evaluation of a model or reference policy in a simulator (metaworld) -> JSON + Markdown",
              "vla_blocks.envs.evaluate:add_arguments", "vla_blocks.envs.evaluate:run"),
+    "serve": ("serve a policy over openpi's websocket protocol (openpi-client compatible)",
+              "vla_blocks.serve.cli:add_arguments", "vla_blocks.serve.cli:run"),
 }
 
 
