@@ -113,6 +113,8 @@ def test_random_policy_deterministic_across_workers(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "--tasks", "reach-v3"]) == 2
+    assert "MODEL or --server" in capsys.readouterr().err
     assert main(["eval", "nowhere/model", "--tasks", "reach-v3", "--episodes", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vla-blocks eval: error:") and "nowhere/model" in err and "Traceback" not in err
@@ -180,6 +182,33 @@ def test_smoke_demos_train_eval(tmp_path, capsys):
         assert tr["success"] == e["success"]
     md = (ev_dir / "results.md").read_text()
     assert f"**{out['success_rate']:.2f}**" in md and all(t in md for t in TASKS)
+
+    # the same model through a policy server (openpi protocol): same actions per query, same episodes
+    pytest.importorskip("websockets")
+    from vla_blocks.envs.policies import ServerPolicy, load_policy
+    from vla_blocks.serve import PolicyServer, load_runner
+    server = PolicyServer(load_runner(str(run_dir / "final"), "metaworld"), "127.0.0.1", port=0)
+    url = f"ws://127.0.0.1:{server.start()}"
+    try:
+        local, remote = load_policy(str(run_dir)), ServerPolicy(url, n_action_steps=4)
+        env = make_env("metaworld", TASKS[0], size=64)
+        obs = env.reset((1, 7))
+        for p in (local, remote):
+            p.reset(123)
+        for _ in range(2):  # two consecutive queries (per-call noise seeds)
+            a, b = local.act(env, obs)[0], remote.act(env, obs)[0]
+            assert a.shape == b.shape == (4, 4)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        env.close()
+        remote.client.close()
+        sv_dir = tmp_path / "eval-server"
+        assert main(["eval", "--server", url, "--n-action-steps", "4", "--tasks", ",".join(TASKS), "--episodes", "1",
+                     "--size", "64", "--horizon", "40", "--out", str(sv_dir), "--quiet"]) == 0
+    finally:
+        server.stop()
+    sv = json.loads((sv_dir / "results.json").read_text())
+    key = ("task", "config", "success", "steps", "inference_calls")
+    assert [{k: e[k] for k in key} for e in sv["episodes_detail"]] == [{k: e[k] for k in key} for e in eps]
 
 
 @pytest.mark.slow

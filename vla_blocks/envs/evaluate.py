@@ -218,7 +218,9 @@ def evaluate(model: str | Any, suite: str = "metaworld", tasks: Sequence[str] = 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p):
     from .policies import POLICY_HELP
-    p.add_argument("model", help=POLICY_HELP)
+    p.add_argument("model", nargs="?", default=None, help=POLICY_HELP)
+    p.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                   help="query a policy server instead of loading MODEL (vla-blocks serve MODEL --observation metaworld)")
     p.add_argument("--env", default="metaworld", choices=["metaworld"], help="simulator suite")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the 5 benchmark tasks)")
     p.add_argument("--episodes", type=int, default=20, help="held-out configurations per task")
@@ -248,6 +250,11 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from .metaworld import METAWORLD_TASKS
+    if (args.model is None) == (args.server is None):
+        raise ValueError("give MODEL or --server ws://HOST:PORT (one of them)")
+    if args.server is not None and not args.server.startswith(("ws://", "wss://")):
+        raise ValueError(f"--server {args.server!r}: expected ws://HOST:PORT")
+    args.model = args.model or args.server
     tasks = [t for t in (args.tasks.split(",") if args.tasks else METAWORLD_TASKS) if t]
     res = evaluate(args.model, args.env, tasks, args.episodes, args.out, args.seed, args.horizon,
                    args.n_action_steps, args.size, args.camera, args.state, args.train_seed, args.eval_seed,

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "load_policy", "check_ref",
+__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "ServerPolicy", "load_policy",
+           "check_ref", "call_seed",
            "POLICY_HELP"]
 
 POLICY_HELP = ("a saved model folder (local-dir:PATH, a path, or a train run folder: its final/), hf-hub:org/name, "
+               "a policy server ws://HOST:PORT (vla-blocks serve MODEL --observation metaworld), "
                "or a reference: 'expert' (scripted), 'random' (uniform actions), 'nn:DATASET' (1-nearest-neighbour "
                "behaviour cloning on observation.state of a demos dataset)")
 
@@ -124,17 +126,20 @@ class ModelPolicy:
         self.name = name
         self.trace = trace
         self.generator = torch.Generator().manual_seed(0)
+        self.seed, self.calls = 0, 0
         self.is_halo = processor.config.policy == "halo"
         self.history: list = []
 
     def reset(self, seed: int):
-        self.generator.manual_seed(int(seed))
+        self.seed, self.calls = int(seed), 0
         self.history = []
 
     def act(self, env, obs):
         import torch
         frame = env.frame(obs)
         policy_trace = None
+        self.generator.manual_seed(call_seed(self.seed, self.calls))  # as a policy server seeds a request
+        self.calls += 1
         with torch.no_grad():
             if self.is_halo:
                 batch = self.processor(frame)
@@ -155,6 +160,42 @@ class ModelPolicy:
         return raw[:self.chunk], policy_trace
 
 
+def call_seed(episode_seed: int, call: int) -> int:
+    """The flow-noise seed of the ``call``-th query of an episode (in-process and through a server alike)."""
+    return (int(episode_seed) * 100_003 + int(call)) % (2 ** 62)
+
+
+class ServerPolicy:
+    """A policy server speaking openpi's protocol (``vla-blocks serve MODEL --observation metaworld``). Each
+    query sends ``observation/image`` (the env's first camera, uint8 HWC), ``observation/state``, ``prompt`` and
+    a ``noise_seed`` (:func:`call_seed`), so results equal the in-process model's."""
+
+    needs_images = True
+
+    def __init__(self, url: str, n_action_steps: int | None = None, connect_timeout: float = 30.0):
+        from ..serve import PolicyClient
+        self.client = PolicyClient(url, connect_timeout=connect_timeout)
+        horizon = int(self.client.metadata.get("action_horizon", 0)) or None
+        n = n_action_steps or horizon
+        if n is None:
+            raise ValueError(f"{url}: the server's metadata has no action_horizon; pass n_action_steps")
+        if horizon is not None and n > horizon:
+            raise ValueError(f"n_action_steps={n} exceeds the server's chunk of {horizon} actions")
+        self.chunk = int(n)
+        self.name = url
+        self.seed, self.calls = 0, 0
+
+    def reset(self, seed: int):
+        self.seed, self.calls = int(seed), 0
+
+    def act(self, env, obs):
+        msg = {"observation/image": obs.images[env.cameras[0]], "observation/state": np.asarray(obs.state, np.float32),
+               "prompt": env.instruction, "noise_seed": call_seed(self.seed, self.calls)}
+        self.calls += 1
+        actions = np.asarray(self.client.infer(msg)["actions"], dtype=np.float32)
+        return actions[:self.chunk], None
+
+
 def _model_folder(ref: str) -> Path | None:
     p = Path(ref[len("local-dir:"):] if ref.startswith("local-dir:") else ref)
     if p.is_dir():
@@ -166,7 +207,7 @@ def _model_folder(ref: str) -> Path | None:
 
 def check_ref(ref: str) -> None:
     """Fail early (before spawning workers) when ``ref`` names no policy."""
-    if ref in ("expert", "random") or ref.startswith("hf-hub:"):
+    if ref in ("expert", "random") or ref.startswith(("hf-hub:", "ws://", "wss://")):
         return
     if ref.startswith("nn:"):
         if not Path(ref[3:]).is_dir():
@@ -189,6 +230,8 @@ def load_policy(ref: str, n_action_steps: int | None = None, trace: bool = False
         return RandomPolicy()
     if ref.startswith("nn:"):
         return NearestNeighbourPolicy(ref[3:])
+    if ref.startswith(("ws://", "wss://")):
+        return ServerPolicy(ref, n_action_steps)
     from .. import create_model
     from ..data import PolicyProcessor
     folder = _model_folder(ref)
