@@ -128,6 +128,10 @@ class ModelPolicy:
         self.generator = torch.Generator().manual_seed(0)
         self.seed, self.calls = 0, 0
         self.is_halo = processor.config.policy == "halo"
+        if self.is_halo and processor.config.history_frames > 1:
+            # HALO conditions on consecutive past frames; the loop renders only at query times
+            raise NotImplementedError("closed-loop evaluation of HALO with history_frames > 1 is not supported yet "
+                                      "(the evaluation loop keeps no per-step frame history)")
         self.history: list = []
 
     def reset(self, seed: int):
