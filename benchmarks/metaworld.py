@@ -90,7 +90,8 @@ def run(ctx) -> dict:
                                                 "overrides": over}) + "\n")
             budget = json.loads(budget_f.read_text()) if budget_f.is_file() else {}
             cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-            entry["training"] = {**budget, "recipe": name, "config": cfg_text}
+            entry["training"] = {**budget, "recipe": name, "config": cfg_text,
+                                 "checkpoint": str(run_dir / "final")}  # create_model("local-dir:...")
             res = _eval(ctx, s, str(run_dir / "final"), work / "eval" / name)
         entry.update({k: res[k] for k in ("success_rate", "successes", "episodes", "ci95", "per_task",
                                           "inference_ms_mean", "n_action_steps")})
