@@ -138,6 +138,16 @@ def test_smoke_demos_train_eval(tmp_path, capsys):
     assert [e["task"] for e in meta["episodes"]] == [TASKS[0]] * 3 + [TASKS[1]] * 3
     assert [tuple(e["config"]) for e in meta["episodes"][:3]] == [(0, 0), (0, 1), (0, 2)]
     assert all(e["success_step"] == e["length"] for e in meta["episodes"])  # stop at first success, no hold
+    # meta/stats.json holds dataset-wide statistics (numpy over every frame), not averaged per-episode quantiles
+    st = json.loads((ds_dir / "meta" / "stats.json").read_text())
+    for key in ("observation.state", "action"):
+        x = np.concatenate([b[key] for b in ds.iter_columns([key])]).astype(np.float64)
+        span = x.max(0) - x.min(0)
+        for q, name in ((0.01, "q01"), (0.99, "q99")):
+            np.testing.assert_allclose(st[key][name], np.quantile(x, q, axis=0), atol=1e-6 + 0.01 * span.max())
+        np.testing.assert_allclose(st[key]["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(st[key]["std"], x.std(0), rtol=1e-4, atol=1e-6)
+    assert st["observation.state"]["q99"][4] > st["observation.state"]["q01"][4]  # goal x varies across episodes
     # episode 3 (drawer-open, config (0, 0)) starts at the env's reset observation and the expert's action
     env = make_env("metaworld", TASKS[1], size=64)
     obs = env.reset((0, 0))

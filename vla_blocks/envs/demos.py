@@ -7,7 +7,9 @@ parallel worker processes and are written in (task, configuration) order, so the
 (upright ``uint8`` HWC, stored as video or PNG), ``observation.state`` (the adapter's policy state),
 ``observation.environment_state`` (the suite's full observation) and ``action`` (clipped), plus the task's
 instruction. Episodes stop at the first success (then ``hold`` more expert steps). ``meta/<suite>.json`` records
-the settings and, per episode, the task, configuration and length.
+the settings and, per episode, the task, configuration and length. The state and action entries of
+``meta/stats.json`` are dataset-wide statistics (:func:`exact_stats`), not lerobot's average of per-episode
+quantiles, which collapses for the goal dims (constant within an episode).
 """
 
 from __future__ import annotations
@@ -135,13 +137,35 @@ def generate_demos(out, suite: str = "metaworld", tasks: Sequence[str] = ("reach
             rows.append({"episode_index": len(rows), "task": t, "instruction": instr, "config": ep["config"],
                          "length": ep["length"], "success_step": ep["success_step"]})
     writer.finalize()
+    exact_stats(out, ["observation.state", "observation.environment_state", "action"])
     summary = {"suite": suite, "tasks": tasks, "episodes_per_task": episodes, "size": size, "camera": camera,
                "state": state, "state_names": state_names, "train_seed": train_seed, "horizon": horizon,
-               "noise": noise, "hold": hold, "fps": fps, "video": video,
+               "noise": noise, "hold": hold, "fps": fps, "video": video, "stats": "dataset-wide (exact_stats)",
                "failed_configs": {t: v for t, v in failed.items() if v}, "episodes": rows,
                "wall_s": round(time.perf_counter() - t0, 2), "workers": workers}
     (out / "meta" / f"{suite}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def exact_stats(root, keys) -> None:
+    """Replace the ``meta/stats.json`` entries of ``keys`` by dataset-wide statistics (one streaming pass).
+
+    lerobot's writer rule averages per-episode quantiles; the goal dims are constant within an episode, so that
+    average collapses q01 ≈ q99 ≈ the mean goal and quantile normalisation (pi0.5) saturates them. Mean/std are
+    exact either way."""
+    from ..data import LeRobotDataset
+    from ..data.stats import compute_dataset_stats
+    path = Path(root) / "meta" / "stats.json"
+    stats = json.loads(path.read_text())
+    exact = compute_dataset_stats(LeRobotDataset(root, decode_video=False), keys)
+    for k, st in exact.items():
+        entry = stats.setdefault(k, {})
+        for name, v in st.items():
+            if name in entry or name in ("mean", "std", "min", "max", "q01", "q99"):
+                entry[name] = np.asarray(v).tolist()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats, indent=4))
+    tmp.replace(path)
 
 
 def _known_tasks(suite):
