@@ -53,7 +53,7 @@ from .registry import Registry
 #: importable module ``pkg.module`` registered by a plug-in through the entry-point group ``vla_blocks.bench_suites``).
 #: A suite module provides ``run(ctx) -> dict``, ``render_markdown``, ``summary_markdown`` and ``plot`` (optional ``merge``).
 SUITES: Registry[str] = Registry("benchmark suite", group="vla_blocks.bench_suites")
-for _name in ("attention", "inference", "backbone", "build", "data", "composition", "serve", "train"):
+for _name in ("attention", "inference", "backbone", "build", "data", "composition", "serve", "train", "metaworld"):
     SUITES.register(_name, f"benchmarks/{_name}.py")
 SCHEMA_VERSION = 1
 

@@ -40,6 +40,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                  "vla_blocks.emcot.cli:add_arguments", "vla_blocks.emcot.cli:run"),
     "trace": ("view saved policy / episode traces as one self-contained offline HTML report",
               "vla_blocks.trace.view:add_arguments", "vla_blocks.trace.view:run"),
+    "demos": ("scripted-expert demonstrations of a simulator suite (metaworld) -> a LeRobotDataset v3",
+              "vla_blocks.envs.demos:add_arguments", "vla_blocks.envs.demos:run"),
+    "eval": ("closed-loop evaluation of a model or reference policy in a simulator (metaworld) -> JSON + Markdown",
+             "vla_blocks.envs.evaluate:add_arguments", "vla_blocks.envs.evaluate:run"),
     "serve": ("serve a policy over openpi's websocket protocol (openpi-client compatible)",
               "vla_blocks.serve.cli:add_arguments", "vla_blocks.serve.cli:run"),
 }

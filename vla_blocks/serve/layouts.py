@@ -275,6 +275,9 @@ LAYOUTS: dict[str, ObservationLayout] = {
         "droid", {"exterior_image_1_left": ImageSpec("observation/exterior_image_1_left", "hwc"),
                   "wrist_image_left": ImageSpec("observation/wrist_image_left", "hwc")},
         state=("observation/joint_position", "observation/gripper_position"), state_dim=8),
+    # vla_blocks.envs' Meta-World evaluation client (vla-blocks eval --server): the corner4 camera, its state
+    "metaworld": ObservationLayout(
+        "metaworld", {"corner4": ImageSpec("observation/image", "hwc")}, state=("observation/state",)),
 }
 
 
