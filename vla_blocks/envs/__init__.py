@@ -6,27 +6,31 @@
     frame = env.frame(obs)            # lerobot-style frame -> a model's PolicyProcessor
     res = env.step(env.expert_action(obs))
 
-``SUITES`` maps a suite name to its adapter class (``"module:Class"``, imported on use), so LIBERO or another
-gymnasium suite is one more entry.
+``SUITES`` (a :class:`~vla_blocks.registry.Registry`) maps a suite name to its adapter class (``"module:Class"``,
+imported on use), so LIBERO or another gymnasium suite is one more entry — in this file, or from a plug-in through
+the entry-point group ``vla_blocks.envs``.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from ..registry import Registry
 from .base import EnvAdapter, Observation, StepResult, frame_from_observation
 
-SUITES: dict[str, str] = {
-    "metaworld": "vla_blocks.envs.metaworld:MetaWorldEnv",
-}
+SUITES: Registry[str] = Registry("environment suite", group="vla_blocks.envs")
+SUITES.register("metaworld", "vla_blocks.envs.metaworld:MetaWorldEnv")
 
 __all__ = ["EnvAdapter", "Observation", "StepResult", "frame_from_observation", "SUITES", "make_env", "env_class"]
 
 
 def env_class(suite: str):
-    if suite not in SUITES:
-        raise ValueError(f"unknown environment suite {suite!r} (known: {', '.join(sorted(SUITES))})")
-    mod, cls = SUITES[suite].split(":")
+    """The adapter class of ``suite`` (imported on first use); an error naming the known suites otherwise."""
+    try:
+        target = SUITES.get(suite)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+    mod, cls = target.split(":")
     return getattr(importlib.import_module(mod), cls)
 
 

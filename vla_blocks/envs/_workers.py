@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 _ENVS: dict[tuple, Any] = {}
 
@@ -19,6 +19,7 @@ def cached_env(suite: str, task: str, env_kw: dict):
 
 
 def close_envs():
+    """Close and forget this worker process's cached environments."""
     for env in _ENVS.values():
         env.close()
     _ENVS.clear()

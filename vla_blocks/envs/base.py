@@ -29,6 +29,7 @@ class Observation:
 
 @dataclass
 class StepResult:
+    """One environment step: the next observation, the reward, the success signal and the raw info dict."""
     observation: Observation
     reward: float
     success: bool
@@ -77,9 +78,11 @@ class EnvAdapter:
 
     # -- episode --------------------------------------------------------------------------------------
     def reset(self, config: Any, render: bool = True) -> Observation:
+        """Reset to ``config`` (one of :meth:`configs`) and return the first observation (cameras rendered if ``render``)."""
         raise NotImplementedError
 
     def step(self, action: np.ndarray, render: bool = True) -> StepResult:
+        """Apply one action (clipped to the bounds by :meth:`clip_action`) → :class:`StepResult`."""
         raise NotImplementedError
 
     def render(self) -> dict[str, np.ndarray]:
@@ -87,9 +90,11 @@ class EnvAdapter:
         raise NotImplementedError
 
     def expert_action(self, obs: Observation) -> np.ndarray:
+        """The scripted expert's action for ``obs`` (suites without an expert raise)."""
         raise NotImplementedError(f"{type(self).__name__} has no scripted expert")
 
     def clip_action(self, action) -> np.ndarray:
+        """``action`` as float32 ``[action_dim]`` clipped to the bounds; wrong width or non-finite values are errors."""
         a = np.asarray(action, dtype=np.float32).reshape(-1)
         if a.shape[0] != self.action_dim:
             raise ValueError(f"{self.suite}/{self.task}: action has {a.shape[0]} dims, the env takes {self.action_dim}")
@@ -104,6 +109,7 @@ class EnvAdapter:
         return frame_from_observation(obs, self.instruction, keys)
 
     def close(self) -> None:
+        """Release the simulator (renderers, processes)."""
         pass
 
     def __enter__(self):

@@ -191,6 +191,7 @@ def _bar(progress, total, desc):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p):
+    """Options of ``vla-blocks demos SUITE --tasks … --episodes N --size PX --out DIR``."""
     p.add_argument("suite", choices=["metaworld"], help="simulator suite")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the 5 benchmark tasks)")
     p.add_argument("--episodes", type=int, default=20, help="successful episodes per task")
@@ -209,6 +210,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    """``vla-blocks demos``: run the scripted experts in worker processes and write a LeRobotDataset v3; exit status."""
     try:
         return _run(args)
     except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:

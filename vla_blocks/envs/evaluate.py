@@ -128,6 +128,7 @@ def summarize(episodes: list[dict], tasks: Sequence[str]) -> dict:
 
 
 def results_markdown(res: dict) -> str:
+    """The evaluation results as Markdown: per-task success, steps to success, inference time."""
     s = res["settings"]
     lines = [f"# Evaluation of `{res['model']}` on {s['suite']}", "",
              f"{res['episodes']} episodes ({s['episodes_per_task']} held-out configurations per task, eval seed "
@@ -217,6 +218,7 @@ def evaluate(model: str | Any, suite: str = "metaworld", tasks: Sequence[str] = 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p):
+    """Options of ``vla-blocks eval MODEL|expert|random|nn:DATASET --env SUITE --tasks … --episodes N``."""
     from .policies import POLICY_HELP
     p.add_argument("model", nargs="?", default=None, help=POLICY_HELP)
     p.add_argument("--server", default=None, metavar="ws://HOST:PORT",
@@ -241,6 +243,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    """``vla-blocks eval``: closed-loop evaluation in worker processes → JSON + Markdown (+ mp4 / traces); exit status."""
     try:
         return _run(args)
     except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:

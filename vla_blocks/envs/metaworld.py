@@ -99,6 +99,7 @@ def _close_at_exit(ref):
 
 
 def task_instruction(task: str) -> str:
+    """The instruction given to policies for a Meta-World task (one per task, e.g. ``pick-place-v3``)."""
     return METAWORLD_INSTRUCTIONS.get(task) or task.removesuffix("-v3").replace("-", " ")
 
 
@@ -111,7 +112,7 @@ class MetaWorldEnv(EnvAdapter):
 
     def __init__(self, task: str, size: int = 96, camera: str = "corner4", state: str = "goal",
                  train_seed: int = 0, eval_seed: int = 1, max_steps: int = 150, fast_render: bool = True):
-        mw = import_metaworld()
+        import_metaworld()  # the extra check, and triton before the renderer (a segfault otherwise)
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         if task not in ALL_V3_ENVIRONMENTS:
             near = [n for n in ALL_V3_ENVIRONMENTS if task.split("-v")[0] in n][:5]
@@ -153,6 +154,7 @@ class MetaWorldEnv(EnvAdapter):
 
     # -- configurations -------------------------------------------------------------------------------
     def configs(self, split: str, n: int) -> list[tuple[int, int]]:
+        """The first ``n`` (MT1 seed, task index) configurations of ``split``: ``train`` for demonstrations, ``eval`` held out."""
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         base = self.train_seed if split == "train" else self.eval_seed
@@ -166,6 +168,7 @@ class MetaWorldEnv(EnvAdapter):
         return Observation(images, raw[self._state_idx].astype(np.float32), raw.copy())
 
     def reset(self, config, render: bool = True) -> Observation:
+        """Reset to a fixed MT1 task configuration; returns the first observation."""
         seed, idx = (int(config[0]), int(config[1]))
         if not 0 <= idx < CONFIGS_PER_SEED:
             raise ValueError(f"configuration index {idx} is outside 0..{CONFIGS_PER_SEED - 1}")
@@ -179,6 +182,7 @@ class MetaWorldEnv(EnvAdapter):
         return self._observation(raw, render)
 
     def step(self, action, render: bool = True) -> StepResult:
+        """One simulator step with the clipped 4-D action; success from Meta-World's own signal."""
         if self.config is None:
             raise RuntimeError("step() before reset()")
         if self._t >= self.max_steps:
@@ -192,6 +196,7 @@ class MetaWorldEnv(EnvAdapter):
                           {k: float(v) for k, v in info.items() if np.isscalar(v)})
 
     def render(self) -> dict[str, np.ndarray]:
+        """The adapter's cameras, rendered headless and rotated upright, ``uint8`` [H, W, 3]."""
         first = not self._rendered
         img = self.env.render()
         if first:
@@ -202,6 +207,7 @@ class MetaWorldEnv(EnvAdapter):
         return {self.camera: np.ascontiguousarray(img[::-1, ::-1])}
 
     def expert_action(self, obs: Observation | None = None) -> np.ndarray:
+        """Meta-World's scripted policy's action for the current state."""
         if self._expert is None:
             raise NotImplementedError(f"no scripted expert for {self.task}")
         raw = self._raw if obs is None else np.asarray(obs.raw, dtype=np.float64)
@@ -210,6 +216,7 @@ class MetaWorldEnv(EnvAdapter):
             return self.clip_action(np.clip(self._expert.get_action(raw), -1.0, 1.0))
 
     def close(self) -> None:
+        """Close the environment and its renderer."""
         env, self.env = getattr(self, "env", None), None
         if env is not None:
             env.close()

@@ -31,9 +31,11 @@ class ExpertPolicy:
     chunk = 1
 
     def reset(self, seed: int):
+        """Nothing to reset: the expert is stateless."""
         pass
 
     def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
         return env.expert_action(obs)[None], None
 
 
@@ -48,9 +50,11 @@ class RandomPolicy:
         self.rng = np.random.default_rng(0)
 
     def reset(self, seed: int):
+        """Start an episode: a fresh action generator seeded with ``seed``."""
         self.rng = np.random.default_rng(seed)
 
     def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
         return self.rng.uniform(env.action_low, env.action_high, size=(1, env.action_dim)).astype(np.float32), None
 
 
@@ -83,9 +87,11 @@ class NearestNeighbourPolicy:
         del tasks
 
     def reset(self, seed: int):
+        """Nothing to reset: the nearest neighbour depends on the observation alone."""
         pass
 
     def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
         if env.instruction not in self.by_task:
             raise KeyError(f"{self.root}: no demonstrations for {env.instruction!r} (have {sorted(self.by_task)})")
         z, a = self.by_task[env.instruction]
@@ -135,10 +141,12 @@ class ModelPolicy:
         self.history: list = []
 
     def reset(self, seed: int):
+        """Start an episode: per-query noise seeds derive from ``seed``; the frame history is cleared."""
         self.seed, self.calls = int(seed), 0
         self.history = []
 
     def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
         import torch
         frame = env.frame(obs)
         policy_trace = None
@@ -190,9 +198,11 @@ class ServerPolicy:
         self.seed, self.calls = 0, 0
 
     def reset(self, seed: int):
+        """Start an episode: per-query noise seeds (sent to the server) derive from ``seed``."""
         self.seed, self.calls = int(seed), 0
 
     def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
         msg = {"observation/image": obs.images[env.cameras[0]], "observation/state": np.asarray(obs.state, np.float32),
                "prompt": env.instruction, "noise_seed": call_seed(self.seed, self.calls)}
         self.calls += 1
