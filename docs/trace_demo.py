@@ -17,7 +17,7 @@ import torch
 
 import vla_blocks
 from vla_blocks.trace import TraceRecorder, recording
-from vla_blocks.trace.view import render_html
+from vla_blocks.trace.view import render_html, screenshot
 
 
 def frame(step: int, size: int = 96) -> np.ndarray:
@@ -58,17 +58,7 @@ def main(argv=None) -> int:
     if args.screenshot:
         html = Path(args.out) / "report.html"
         html.write_text(render_html(vla_blocks.trace.load(path)))
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--headless", "--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(html.resolve().as_uri())
-            page.click("#next")
-            page.screenshot(path=args.screenshot)
-            browser.close()
-        from PIL import Image
-        Image.open(args.screenshot).convert("RGB").quantize(colors=128).save(args.screenshot, optimize=True)
+        screenshot(html, args.screenshot)
         print(f"wrote {args.screenshot}")
     return 0
 

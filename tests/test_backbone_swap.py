@@ -143,3 +143,15 @@ def test_local_checkpoint_of_any_family_loads_with_its_own_sizes(recipe, family,
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     assert torch.equal(lm.embed_tokens.weight, hf.model.embed_tokens.weight)
     assert_same_logits(lm, hf, VOCAB[recipe])
+
+
+def test_gemma_legacy_hidden_activation_is_read_as_hidden_act():
+    """PaliGemma configs and models saved before transformers 5 spell Gemma's activation ``hidden_activation``."""
+    from vla_blocks.backbones import HFCausalLMBackbone
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    old = HFCausalLMBackbone(model_type="gemma", config={**base, "hidden_activation": "gelu_pytorch_tanh"})
+    assert old.hf_config().hidden_act == "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="hidden_activation='silu' and hidden_act='gelu_pytorch_tanh' disagree"):
+        HFCausalLMBackbone(model_type="gemma", config={**base, "hidden_activation": "silu",
+                                                       "hidden_act": "gelu_pytorch_tanh"})

@@ -423,3 +423,15 @@ def test_recipe_reference_builds_without_weights():
     assert type(m).__name__ == "MoTLM"
     with pytest.raises(vla_blocks.ConfigError, match="hf-hub:org/name"):
         hub.parse_ref("definitely not a thing")
+
+
+@pytest.mark.parametrize("name", ["pi0-mw", "acot-mw-noear"])
+def test_committed_metaworld_checkpoints_load_and_act(name):
+    """The Meta-World table's two best policies are committed in the Hub folder layout and load as they are."""
+    import vla_blocks
+    folder = Path(__file__).resolve().parents[1] / "benchmarks/results/cpu-amd-epyc-2c/metaworld-models" / name
+    model = vla_blocks.create_model(f"local-dir:{folder}").eval()
+    batch = model.demo_batch(1, torch.Generator().manual_seed(0))
+    chunk = model.predict_action_chunk(batch)
+    assert chunk.shape == (1, model.config.action_horizon, model.config.real_action_dim or model.config.action_dim)
+    assert torch.isfinite(chunk).all()

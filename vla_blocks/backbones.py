@@ -54,6 +54,24 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 # keys that transformers configs accept besides their fields: legacy spellings folded into rope_parameters, and
 # head_dim, which the Qwen2/Llama/Gemma modeling code reads with getattr whether or not the config declares it
 _EXTRA_CONFIG_KEYS = ("rope_theta", "rope_scaling", "head_dim")
+# earlier transformers spellings -> the current key, per family: read where the installed config class lacks the
+# old key (Gemma's ``hidden_activation`` of transformers 4.x, written by PaliGemma configs and older saved models)
+_LEGACY_CONFIG_KEYS = {"gemma": {"hidden_activation": "hidden_act"}}
+
+
+def _fold_legacy_keys(model_type: str, config: dict) -> dict:
+    """``config`` with earlier spellings renamed to the keys the installed config class has; both spellings with
+    different values are an error naming them."""
+    known = family_config_fields(model_type)
+    out = dict(config)
+    for old, new in _LEGACY_CONFIG_KEYS.get(model_type, {}).items():
+        if old in out and old not in known:
+            val = out.pop(old)
+            if new in out and out[new] != val:
+                raise ValueError(f"backbone.config: {old}={val!r} and {new}={out[new]!r} disagree ({old} is the "
+                                 f"earlier spelling of {new})")
+            out[new] = val
+    return out
 
 
 def family_config_fields(model_type: str) -> set[str]:
@@ -149,6 +167,7 @@ class HFCausalLMBackbone(BackboneConfig):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"model_type {self.model_type!r} is not supported{hint}; supported: {list(SUPPORTED)}")
         if self.config:
+            self.config = _fold_legacy_keys(self.model_type, self.config)
             known = family_config_fields(self.model_type)
             for k in self.config:
                 if k not in known:

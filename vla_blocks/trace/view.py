@@ -28,7 +28,7 @@ import numpy as np
 
 from .record import EpisodeTrace, StepRecord, Trace, load, png_bytes
 
-__all__ = ["render_html", "as_episode", "export_rrd", "add_arguments", "run"]
+__all__ = ["render_html", "as_episode", "export_rrd", "screenshot", "add_arguments", "run"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -400,6 +400,35 @@ def export_rrd(obj: Trace | EpisodeTrace, path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def screenshot(html: str | Path, png: str | Path, step: int = 1, chromium: str = "/usr/bin/chromium",
+               width: int = 1280, height: int = 1000) -> Path:
+    """Open a report in headless Chromium (Playwright), advance the scrubber ``step`` times and save a small PNG
+    (quantised to 128 colours). Needs ``pip install playwright`` and a Chromium binary (Debian's ``chromium``)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        raise ImportError("screenshots need playwright: pip install playwright (and Debian's chromium)") from e
+    if not Path(chromium).exists():
+        raise FileNotFoundError(f"no Chromium at {chromium}: apt-get install chromium")
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(Path(html).resolve().as_uri())
+            for _ in range(step):
+                page.click("#next")
+            page.screenshot(path=str(png))
+        finally:
+            browser.close()
+    from PIL import Image
+    Image.open(png).convert("RGB").quantize(colors=128).save(png, optimize=True)
+    return png
+
+
 def add_arguments(parser):
     """Options of ``vla-blocks trace`` (subcommand ``view``)."""
     sub = parser.add_subparsers(dest="trace_command", metavar="{view}", required=True)
@@ -408,6 +437,8 @@ def add_arguments(parser):
     v.add_argument("--out", default=None, help="output HTML file (default: DIR/report.html)")
     v.add_argument("--title", default=None, help="page title (default: the episode's task)")
     v.add_argument("--rrd", default=None, help="also write a rerun recording here (needs vla-blocks[viz])")
+    v.add_argument("--screenshot", default=None, metavar="PNG",
+                   help="also photograph the report (second step) in headless Chromium (needs playwright + chromium)")
 
 
 def run(args) -> int:
@@ -422,6 +453,8 @@ def run(args) -> int:
         print(f"wrote {out} ({len(page.encode()) / 1e6:.2f} MB)")
         if args.rrd:
             print(f"wrote {export_rrd(obj, args.rrd)}")
+        if args.screenshot:
+            print(f"wrote {screenshot(out, args.screenshot)}")
     except (FileNotFoundError, ValueError, ImportError, KeyError) as e:
         print(f"vla-blocks trace view: {e}", file=sys.stderr)
         return 2
