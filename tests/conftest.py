@@ -5,6 +5,7 @@ each oversubscribe the cores and tiny matmuls slow down several-fold, so each wo
 """
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -15,6 +16,21 @@ import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# Triton's interpreter mode is fixed when triton is first imported: without a GPU, import it here in interpreter
+# mode (TRITON_INTERPRET=1, restored afterwards), before any test module or the library imports it.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    _prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _prev
 
 
 @pytest.fixture

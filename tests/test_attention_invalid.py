@@ -10,25 +10,11 @@ Backends: dense ``sdpa``, ``sdpa_blocks`` (when registered), ``flex`` (forward),
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
 _CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:  # the interpreter mode is fixed when triton is first imported
-    _prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if _prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _prev
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -15,26 +15,12 @@ is wrong). GPU tests are marked ``gpu`` and skip without CUDA.
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
 _CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    _prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401  (imported here, in interpreter mode)
-    except ImportError:
-        pass
-    finally:
-        if _prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _prev
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
