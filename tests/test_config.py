@@ -1,8 +1,5 @@
 """Recipes and the registry: typed decoding, errors that name file/key/suggestion, overrides, plugins."""
 
-import subprocess
-import sys
-from dataclasses import dataclass
 
 import pytest
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vla_blocks.model import create_model, model_config
+from vla_blocks.model import model_config
 from vla_blocks.models.pi0 import ACT, discretize_state, pi05_prompt, policy_layout
 
 from oracles.openpi import embed_suffix, make_attn_mask, sample_times
