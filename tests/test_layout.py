@@ -148,3 +148,40 @@ def test_grow_equals_rebuilding_with_a_longer_last_segment():
         assert torch.equal(grown.mask_meta().dense(), ref.mask_meta().dense())
     with pytest.raises(ValueError, match="causal"):
         Layout.from_samples([[Segment.of("full", "und", 2, "img")]], ["und"]).grow(1, "text")
+
+
+def test_extend_equals_rebuilding_from_all_segments():
+    """A context growing by items extends its layout; it must equal the layout rebuilt from every segment."""
+    from vla_blocks.layout import Layout, Part, RopeSkip, Segment
+    g = torch.Generator().manual_seed(1)
+
+    def rand_segments(k):
+        out = []
+        for _ in range(k):
+            r = int(torch.randint(0, 6, (1,), generator=g))
+            if r == 0:
+                out.append(RopeSkip(1))
+                continue
+            mode, rope = [("causal", "sequential"), ("full", "block"), ("noise", "block_hold"), ("full", "sequential"),
+                          ("causal", "sequential_hold")][r - 1]
+            n = int(torch.randint(1, 4, (1,), generator=g))
+            out.append(Segment(mode, [Part("und", 1, "text"), Part("gen", n, "img", [True] * (n - 1) + [n == 1])],
+                               rope=rope))
+        return out
+
+    for _ in range(30):
+        first, more = rand_segments(int(torch.randint(1, 4, (1,), generator=g))), rand_segments(2)
+        ext = Layout.from_samples([first], ["und", "gen"]).extend(more)
+        ref = Layout.from_samples([first + more], ["und", "gen"])
+        for f in ("expert_id", "position_ids", "doc_id", "seg_id", "seg_mode", "valid"):
+            assert torch.equal(getattr(ext, f), getattr(ref, f)), f
+        assert ext.label_index.keys() == ref.label_index.keys() and ext.rope_next == ref.rope_next
+        for lab in ref.label_index:
+            assert torch.equal(ext.label_index[lab], ref.label_index[lab]), lab
+        # decoding after an extension still equals a rebuild
+        text = [Segment.of("causal", "und", 2, "text")]
+        grown = Layout.from_samples([first], ["und", "gen"]).extend(more + text).grow(1, "text")
+        ref2 = Layout.from_samples([first + more + [Segment.of("causal", "und", 3, "text")]], ["und", "gen"])
+        assert torch.equal(grown.position_ids, ref2.position_ids) and grown.rope_next == ref2.rope_next
+    with pytest.raises(ValueError, match="one-row"):
+        Layout.from_samples([[Segment.of("causal", "und", 2, "t")]] * 2, ["und"]).extend([])

@@ -142,17 +142,19 @@ class Layout:
     valid: torch.Tensor  # [B, N] bool
     label_index: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> flat indices
     doc_offsets: list[list[int]] = field(default_factory=list)  # per row: start token of each document
+    rope_next: list[int] = field(default_factory=list)  # per row: RoPE counter after its last document
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_samples(cls, samples: Sequence[Sample] | Sequence[Sequence[Sample]], experts: Sequence[str],
-                     pack: bool = False, pad_to: int | None = None) -> "Layout":
+                     pack: bool = False, pad_to: int | None = None, rope_start: int = 0) -> "Layout":
         """Build a layout.
 
         ``samples`` is a list of samples (each a list of segments). With ``pack=False`` each sample
         is its own row; with ``pack=True`` all samples go into one row as documents. A list of
         lists of samples gives explicit rows of packed documents. ``pad_to`` pads rows to a fixed
-        length (an error if a row is longer).
+        length (an error if a row is longer). ``rope_start``: the RoPE counter the first document of
+        each row starts at (a continuation, :meth:`extend`).
         """
         experts = list(experts)
         if not samples:
@@ -178,6 +180,7 @@ class Layout:
         valid = torch.zeros((B, n), dtype=torch.bool)
         labels: dict[str, list[torch.Tensor]] = {}
         offsets: list[list[int]] = []
+        rope_next: list[int] = []
         e_index = {e: i for i, e in enumerate(experts)}
         for b, row in enumerate(rows):
             t = 0
@@ -185,7 +188,7 @@ class Layout:
             offsets.append([])
             for d, sample in enumerate(row):
                 offsets[-1].append(t)
-                counter = 0
+                counter = rope_start if d == 0 else 0
                 for segment in sample:
                     if isinstance(segment, RopeSkip):
                         counter += segment.n
@@ -226,8 +229,9 @@ class Layout:
                         pos[b, a:t] = counter
                         if segment.rope == "block":
                             counter += 1
+            rope_next.append(counter)
         label_index = {k: torch.cat(v) for k, v in labels.items()}
-        return cls(experts, expert_id, pos, doc, seg, mode, valid, label_index, offsets)
+        return cls(experts, expert_id, pos, doc, seg, mode, valid, label_index, offsets, rope_next)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -245,7 +249,7 @@ class Layout:
         mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Layout(self.experts, mv(self.expert_id), mv(self.position_ids), mv(self.doc_id), mv(self.seg_id),
                       mv(self.seg_mode), mv(self.valid), {k: mv(v) for k, v in self.label_index.items()},
-                      self.doc_offsets)
+                      self.doc_offsets, self.rope_next)
 
     def tokens(self, start: int, end: int | None = None) -> "Layout":
         """The sub-layout of tokens ``[start, end)`` of every row (a suffix pass routes with this).
@@ -265,7 +269,7 @@ class Layout:
                 labels[k] = b[keep] * m + (i[keep] - start)
         sl = (slice(None), slice(start, end))
         return Layout(self.experts, self.expert_id[sl], self.position_ids[sl], self.doc_id[sl], self.seg_id[sl],
-                      self.seg_mode[sl], self.valid[sl], labels, self.doc_offsets)
+                      self.seg_mode[sl], self.valid[sl], labels, self.doc_offsets, self.rope_next)
 
     def grow(self, n: int, label: str) -> "Layout":
         """``n`` more tokens continuing every row's last segment (greedy decoding into a causal text segment):
@@ -290,7 +294,30 @@ class Layout:
         new = (rows * (N + n) + N + step.to(rows.device) - 1).reshape(-1)
         labels[label] = torch.cat([labels[label], new]) if label in labels else new
         return Layout(self.experts, rep(self.expert_id), pos, rep(self.doc_id), rep(self.seg_id), rep(self.seg_mode),
-                      rep(self.valid), labels, self.doc_offsets)
+                      rep(self.valid), labels, self.doc_offsets, [r + n for r in self.rope_next])
+
+    def extend(self, segments: Sequence[Segment | RopeSkip]) -> "Layout":
+        """This one-row layout with ``segments`` appended to its last document (a KV-cached context growing by
+        items): equals rebuilding the layout from all the segments, while only the new ones are walked.
+
+        Needs the RoPE counter the layout ended at (``rope_next``, recorded by :meth:`from_samples`)."""
+        if self.batch_size != 1 or not self.rope_next:
+            raise ValueError("extend needs a one-row layout built by from_samples (it records where RoPE ends)")
+        N = self.seq_len
+        new = Layout.from_samples([list(segments)], self.experts, rope_start=self.rope_next[0]).to(
+            self.expert_id.device)
+        doc = int(self.doc_id[0, -1]) if N else 0
+        seg0 = int(self.seg_id.max()) + 1 if N else 0
+        cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+        labels = dict(self.label_index)
+        for k, idx in new.label_index.items():
+            labels[k] = torch.cat([labels[k], idx + N]) if k in labels else idx + N
+        valid_new = new.expert_id >= 0
+        return Layout(self.experts, cat(self.expert_id, new.expert_id), cat(self.position_ids, new.position_ids),
+                      cat(self.doc_id, torch.where(valid_new, doc, new.doc_id)),
+                      cat(self.seg_id, torch.where(valid_new, new.seg_id + seg0, new.seg_id)),
+                      cat(self.seg_mode, new.seg_mode), cat(self.valid, new.valid), labels, self.doc_offsets,
+                      new.rope_next)
 
     # ------------------------------------------------------------------ routing
     def expert_index(self, expert: str | int) -> torch.Tensor:

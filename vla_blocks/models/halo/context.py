@@ -69,6 +69,12 @@ class HaloContext:
         """The batch-1 layout of the held segments followed by ``extra``."""
         return Layout.from_samples([self.segments + list(extra)], self.model.experts)
 
+    def _layout_with(self, segments: list[Segment]) -> Layout:
+        """The context's layout followed by ``segments`` (only the new segments are walked)."""
+        if self._layout is None:
+            return Layout.from_samples([list(segments)], self.model.experts)
+        return self._layout.extend(segments)
+
     def _run(self, layout: Layout, items: Sequence[ContextItem]):
         """Run ``items`` (the tokens of ``layout`` after the cached ones) and append their K/V to the cache."""
         P = self.length
@@ -88,8 +94,7 @@ class HaloContext:
 
     def extend(self, items: Sequence[ContextItem]):
         """Append ``items`` (their K/V go into the cache). Returns (MoTOutput of the new tokens, their layout)."""
-        layout = Layout.from_samples([self.segments + [it.segment for it in items]], self.model.experts)
-        out = self._run(layout, items)
+        out = self._run(self._layout_with([it.segment for it in items]), items)
         self.items.extend(items)
         return out
 
@@ -117,8 +122,7 @@ class HaloContext:
         structure) and reused by every step of a flow loop."""
         key = (self.length, _segment_key(item.segment))
         if self._suffix_plan is None or self._suffix_plan[0] != key:
-            layout = Layout.from_samples([self.segments + [item.segment]], self.model.experts)
-            self._suffix_plan = (key, self.model.lm.stack.plan(layout, start=self.length))
+            self._suffix_plan = (key, self.model.lm.stack.plan(self._layout_with([item.segment]), start=self.length))
         plan = self._suffix_plan[1]
         hidden = plan.sub.assemble(item.embeds)
         cond = plan.sub.assemble(item.cond, partial=True) if item.cond else None
