@@ -61,6 +61,10 @@ def run_episode(job: dict, policy=None) -> dict:
     record = job["video"] != "none" or job["trace"] != "none"
     cam = env.cameras[0]
     obs = env.reset(job["config"], render=policy.needs_images or record)
+    observe = getattr(policy, "observe", None)  # history policies (HALO) see every rendered observation
+    before = int(getattr(policy, "frames_before_query", 1))  # rendered steps the policy needs before each query
+    if observe is not None:
+        observe(env, obs)
     frames, actions, infer_ms, queue = [], [], [], []
     rec = None
     if job["trace"] != "none":
@@ -80,8 +84,10 @@ def run_episode(job: dict, policy=None) -> dict:
         if record:
             frames.append(obs.images[cam])
         actions.append(a)
-        need = record or (policy.needs_images and not queue)
+        need = record or (policy.needs_images and len(queue) < before)
         res = env.step(a, render=need)
+        if observe is not None and need:
+            observe(env, res.observation)
         if rec is not None:
             rec.record_step(frames={cam: frames[-1]}, action=a, policy=ptrace, reward=res.reward, success=res.success)
         obs = res.observation
