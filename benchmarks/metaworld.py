@@ -83,6 +83,7 @@ def run(ctx) -> dict:
                    ([f"train.batch_size={s['batch_size']}"] if s["batch_size"] else [])
             budget_f = run_dir / "budget.json"
             if not (run_dir / "final" / "processor_config.json").is_file():
+                _annotate_if_needed(ctx, name, over, demos)
                 t0 = time.perf_counter()
                 r = train(name, over, output_dir=run_dir, resume=(run_dir / "checkpoints").is_dir())
                 prev = json.loads(budget_f.read_text())["train_wall_s"] if budget_f.is_file() else 0.0
@@ -105,6 +106,36 @@ def run(ctx) -> dict:
     if s["temporary"]:
         shutil.rmtree(work, ignore_errors=True)
     return body
+
+
+def _annotate_if_needed(ctx, name, over, demos):
+    """A recipe with ``data.emcot: true`` (halo-emcot-mw) trains on the EM-CoT sidecar of the demos: write it once
+    (rules annotator, Meta-World phase templates: :mod:`vla_blocks.envs.emcot`)."""
+    from vla_blocks.train import load_train_recipe
+    if not load_train_recipe(name, over).data.emcot or (demos / "meta" / "emcot" / "info.json").is_file():
+        return
+    from vla_blocks.envs.emcot import annotate_metaworld
+    summary = annotate_metaworld(demos)
+    ctx.log(f"[metaworld] EM-CoT annotations: {summary['annotated']} episodes, "
+            f"{summary['subtasks_per_episode']} subtasks per episode")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``--merge``: the new rows replace the old rows of the same name, the others are kept (in the old order, new
+    names appended); the settings must agree except for ``models``."""
+    keys = [k for k in set(old["settings"]) | set(new["settings"]) if k not in ("models", "work")]
+    diff = [k for k in keys if old["settings"].get(k) != new["settings"].get(k)]
+    if diff:
+        raise ValueError(f"--merge: settings differ in {diff} (old {[old['settings'].get(k) for k in diff]}, "
+                         f"new {[new['settings'].get(k) for k in diff]})")
+    rows = {r["name"]: r for r in old["results"]}
+    order = [r["name"] for r in old["results"]] + [r["name"] for r in new["results"] if r["name"] not in rows]
+    rows.update({r["name"]: r for r in new["results"]})
+    out = dict(new)
+    out["results"] = [rows[n] for n in order]
+    out["settings"] = {**new["settings"], "models": order}
+    out["merged_runs"] = old.get("merged_runs", [old.get("created")]) + [new.get("created")]
+    return out
 
 
 def _table(payload) -> str:
