@@ -12,6 +12,12 @@ run resumes (training resumes from its latest checkpoint). Run::
     vla-blocks bench metaworld --device cpu                         # the full table (hours on 2 CPU cores)
     vla-blocks bench metaworld --set models=expert,random,nn,pi0-mw --set steps=1500 --set workers=2
 
+HALO rows: ``halo-mw`` (reactive samples) and ``halo-emcot-mw`` (EM-CoT samples; the demos are annotated once with
+the rules annotator and the Meta-World phase templates of :mod:`vla_blocks.envs.emcot`). ``--merge`` adds the rows
+of a run to the committed table (same settings; rows of the same name are replaced)::
+
+    vla-blocks bench metaworld --set models=halo-mw,halo-emcot-mw --set steps=1500 --set workers=2 --merge
+
 Options (``--set KEY=VALUE``): ``work``, ``models`` (references ``expert``, ``random``, ``nn`` and train recipes),
 ``tasks``, ``demos`` (per task), ``episodes`` (eval per task), ``steps`` (training steps per recipe, default: the
 recipe's), ``batch_size``, ``workers``, ``size``, ``seed``. ``--smoke``: 2 tasks × 3 demos at 64 px, 20 training

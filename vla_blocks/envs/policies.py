@@ -1,4 +1,5 @@
-"""Policies the evaluation loop drives: a trained model through its processor, a policy server, and the
+"""Policies the evaluation loop drives: a trained model through its processor (HALO with its frame history), a
+policy server, and the
 references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour behaviour cloning).
 
 Every policy has ``needs_images`` (render only when it is queried), ``reset(seed)`` (per-episode randomness,
