@@ -1,6 +1,6 @@
 """Policies the evaluation loop drives: a trained model through its processor (HALO with its frame history), a
-policy server, and the
-references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour behaviour cloning).
+policy server, and the references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour
+behaviour cloning).
 
 Every policy has ``needs_images`` (render only when it is queried), ``reset(seed)`` (per-episode randomness,
 so results do not depend on which worker ran an episode) and ``act(env, obs) -> (chunk [K, A] raw actions,
