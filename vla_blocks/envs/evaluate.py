@@ -5,7 +5,8 @@ seed than the demonstrations) for at most ``horizon`` steps; the policy is queri
 is empty and ``n_action_steps`` of each chunk are executed. An episode succeeds when the env reports success
 at any step. A policy with ``observe(env, obs)`` (HALO's frame history) is handed every rendered observation,
 and the loop renders the ``frames_before_query`` steps (default 1) before each query. Every episode seeds the
-policy from ``(seed, task, configuration)``, so results are identical for any number of ``workers`` (spawned processes, one env per task each) and across runs.
+policy from ``(seed, task, configuration)``, so results are identical for any number of ``workers`` (spawned
+processes, one env per task each) and across runs.
 
 Writes ``results.json`` (settings, per-episode and per-task results, mean success with a 95% Wilson interval)
 and ``results.md`` into ``--out``; optionally an mp4 per episode (``--video failures|all``) and episode traces
