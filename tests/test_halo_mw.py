@@ -170,3 +170,19 @@ def test_emcot_data_errors(demos, tmp_path):
         train("halo-emcot-mw", [f"data.root={demos}", "train.steps=1"], output_dir=tmp_path / "r1")
     with pytest.raises(ValueError, match="EM-CoT samples train HALO only"):
         train("pi0-mw", [f"data.root={demos}", "train.steps=1", "data.emcot=true"], output_dir=tmp_path / "r2")
+
+
+def test_bench_metaworld_merge_rows():
+    """--merge: new rows replace same-named rows, others keep their order, new names are appended; settings that
+    differ (other than models / work) are refused."""
+    from vla_blocks.bench import load_suite
+    mod = load_suite("metaworld")
+    s = {"tasks": ["reach-v3"], "episodes": 20, "steps": 1500, "models": ["a", "b"], "work": "w"}
+    old = {"created": "t0", "settings": s, "results": [{"name": "a", "v": 1}, {"name": "b", "v": 2}]}
+    new = {"created": "t1", "settings": {**s, "models": ["b", "c"], "work": "x"},
+           "results": [{"name": "b", "v": 3}, {"name": "c", "v": 4}]}
+    out = mod.merge(old, new)
+    assert [(r["name"], r["v"]) for r in out["results"]] == [("a", 1), ("b", 3), ("c", 4)]
+    assert out["settings"]["models"] == ["a", "b", "c"] and out["merged_runs"] == ["t0", "t1"]
+    with pytest.raises(ValueError, match="settings differ in \\['episodes'\\]"):
+        mod.merge(old, {**new, "settings": {**new["settings"], "episodes": 5}})
