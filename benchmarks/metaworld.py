@@ -12,6 +12,12 @@ run resumes (training resumes from its latest checkpoint). Run::
     vla-blocks bench metaworld --device cpu                         # the full table (hours on 2 CPU cores)
     vla-blocks bench metaworld --set models=expert,random,nn,pi0-mw --set steps=1500 --set workers=2
 
+HALO rows: ``halo-mw`` (reactive samples) and ``halo-emcot-mw`` (EM-CoT samples; the demos are annotated once with
+the rules annotator and the Meta-World phase templates of :mod:`vla_blocks.envs.emcot`). ``--merge`` adds the rows
+of a run to the committed table (same settings; rows of the same name are replaced)::
+
+    vla-blocks bench metaworld --set models=halo-mw,halo-emcot-mw --set steps=1500 --set workers=2 --merge
+
 Options (``--set KEY=VALUE``): ``work``, ``models`` (references ``expert``, ``random``, ``nn`` and train recipes),
 ``tasks``, ``demos`` (per task), ``episodes`` (eval per task), ``steps`` (training steps per recipe, default: the
 recipe's), ``batch_size``, ``workers``, ``size``, ``seed``. ``--smoke``: 2 tasks × 3 demos at 64 px, 20 training
@@ -83,6 +89,7 @@ def run(ctx) -> dict:
                    ([f"train.batch_size={s['batch_size']}"] if s["batch_size"] else [])
             budget_f = run_dir / "budget.json"
             if not (run_dir / "final" / "processor_config.json").is_file():
+                _annotate_if_needed(ctx, name, over, demos)
                 t0 = time.perf_counter()
                 r = train(name, over, output_dir=run_dir, resume=(run_dir / "checkpoints").is_dir())
                 prev = json.loads(budget_f.read_text())["train_wall_s"] if budget_f.is_file() else 0.0
@@ -105,6 +112,36 @@ def run(ctx) -> dict:
     if s["temporary"]:
         shutil.rmtree(work, ignore_errors=True)
     return body
+
+
+def _annotate_if_needed(ctx, name, over, demos):
+    """A recipe with ``data.emcot: true`` (halo-emcot-mw) trains on the EM-CoT sidecar of the demos: write it once
+    (rules annotator, Meta-World phase templates: :mod:`vla_blocks.envs.emcot`)."""
+    from vla_blocks.train import load_train_recipe
+    if not load_train_recipe(name, over).data.emcot or (demos / "meta" / "emcot" / "info.json").is_file():
+        return
+    from vla_blocks.envs.emcot import annotate_metaworld
+    summary = annotate_metaworld(demos)
+    ctx.log(f"[metaworld] EM-CoT annotations: {summary['annotated']} episodes, "
+            f"{summary['subtasks_per_episode']} subtasks per episode")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``--merge``: the new rows replace the old rows of the same name, the others are kept (in the old order, new
+    names appended); the settings must agree except for ``models``."""
+    keys = [k for k in set(old["settings"]) | set(new["settings"]) if k not in ("models", "work")]
+    diff = [k for k in keys if old["settings"].get(k) != new["settings"].get(k)]
+    if diff:
+        raise ValueError(f"--merge: settings differ in {diff} (old {[old['settings'].get(k) for k in diff]}, "
+                         f"new {[new['settings'].get(k) for k in diff]})")
+    rows = {r["name"]: r for r in old["results"]}
+    order = [r["name"] for r in old["results"]] + [r["name"] for r in new["results"] if r["name"] not in rows]
+    rows.update({r["name"]: r for r in new["results"]})
+    out = dict(new)
+    out["results"] = [rows[n] for n in order]
+    out["settings"] = {**new["settings"], "models": order}
+    out["merged_runs"] = old.get("merged_runs", [old.get("created")]) + [new.get("created")]
+    return out
 
 
 def _table(payload) -> str:

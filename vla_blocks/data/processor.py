@@ -372,6 +372,30 @@ class PolicyProcessor:
         samples = [HaloSample(list(hist[b]), tasks[b], a[b]) for b in range(B)]
         return self.model.collate(samples)
 
+    def halo_collate(self, samples) -> dict:
+        """HALO training batch from :class:`~vla_blocks.models.halo.HaloSample` s with *raw* actions (e.g. the EM-CoT
+        samples of :class:`~vla_blocks.emcot.EmcotHaloDataset`): actions normalised and zero-padded to
+        ``action_dim`` and history frames augmented as :meth:`__call__` does for reactive frames (the subgoal frame
+        is left as it is), then the model's ``collate``."""
+        import dataclasses as dc
+        if self.config.policy != "halo":
+            raise ValueError(f"halo_collate needs a HALO processor, got policy {self.config.policy!r}")
+        if self.model is None:
+            raise RuntimeError("a HALO training batch needs the model (its collate): make_processor(model, ...) "
+                               "or proc.bind(model)")
+        c = self.config
+        key = c.cameras[0]
+        out = []
+        for smp in samples:
+            a = torch.as_tensor(smp.actions).float()[None, :c.chunk_length]
+            a = self.normalizer.normalize("actions", a)[0]
+            if a.shape[-1] > c.action_dim:
+                raise ValueError(f"sample actions have {a.shape[-1]} dims, HALO's action_dim is {c.action_dim}")
+            a = F.pad(a, (0, c.action_dim - a.shape[-1]))
+            hist = [self._augment(torch.as_tensor(h).float()[None], key)[0] for h in smp.history]
+            out.append(dc.replace(smp, history=hist, actions=a))
+        return self.model.collate(out)
+
     # -- actions -> raw --------------------------------------------------------------------------------
     def postprocess(self, actions):
         """Model output ``[B, H, A_model]`` → raw actions ``[B, H, real_action_dim]`` (numpy in, numpy out).

@@ -3,8 +3,10 @@
 Each task runs on the first ``episodes`` held-out configurations (``env.configs("eval", n)``: another MT1
 seed than the demonstrations) for at most ``horizon`` steps; the policy is queried when its queue of actions
 is empty and ``n_action_steps`` of each chunk are executed. An episode succeeds when the env reports success
-at any step. Every episode seeds the policy from ``(seed, task, configuration)``, so results are identical
-for any number of ``workers`` (spawned processes, one env per task each) and across runs.
+at any step. A policy with ``observe(env, obs)`` (HALO's frame history) is handed every rendered observation,
+and the loop renders the ``frames_before_query`` steps (default 1) before each query. Every episode seeds the
+policy from ``(seed, task, configuration)``, so results are identical for any number of ``workers`` (spawned
+processes, one env per task each) and across runs.
 
 Writes ``results.json`` (settings, per-episode and per-task results, mean success with a 95% Wilson interval)
 and ``results.md`` into ``--out``; optionally an mp4 per episode (``--video failures|all``) and episode traces
@@ -61,6 +63,10 @@ def run_episode(job: dict, policy=None) -> dict:
     record = job["video"] != "none" or job["trace"] != "none"
     cam = env.cameras[0]
     obs = env.reset(job["config"], render=policy.needs_images or record)
+    observe = getattr(policy, "observe", None)  # history policies (HALO) see every rendered observation
+    before = int(getattr(policy, "frames_before_query", 1))  # rendered steps the policy needs before each query
+    if observe is not None:
+        observe(env, obs)
     frames, actions, infer_ms, queue = [], [], [], []
     rec = None
     if job["trace"] != "none":
@@ -80,8 +86,10 @@ def run_episode(job: dict, policy=None) -> dict:
         if record:
             frames.append(obs.images[cam])
         actions.append(a)
-        need = record or (policy.needs_images and not queue)
+        need = record or (policy.needs_images and len(queue) < before)
         res = env.step(a, render=need)
+        if observe is not None and need:
+            observe(env, res.observation)
         if rec is not None:
             rec.record_step(frames={cam: frames[-1]}, action=a, policy=ptrace, reward=res.reward, success=res.success)
         obs = res.observation

@@ -1,5 +1,6 @@
-"""Policies the evaluation loop drives: a trained model through its processor, a policy server, and the
-references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour behaviour cloning).
+"""Policies the evaluation loop drives: a trained model through its processor (HALO with its frame history), a
+policy server, and the references (the suite's scripted expert, uniform random actions, 1-nearest-neighbour
+behaviour cloning).
 
 Every policy has ``needs_images`` (render only when it is queried), ``reset(seed)`` (per-episode randomness,
 so results do not depend on which worker ran an episode) and ``act(env, obs) -> (chunk [K, A] raw actions,
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "ServerPolicy", "load_policy",
+__all__ = ["ExpertPolicy", "RandomPolicy", "NearestNeighbourPolicy", "ModelPolicy", "HaloPolicy", "ServerPolicy", "load_policy",
            "check_ref", "call_seed",
            "POLICY_HELP"]
 
@@ -134,16 +135,12 @@ class ModelPolicy:
         self.generator = torch.Generator().manual_seed(0)
         self.seed, self.calls = 0, 0
         self.is_halo = processor.config.policy == "halo"
-        if self.is_halo and processor.config.history_frames > 1:
-            # HALO conditions on consecutive past frames; the loop renders only at query times
-            raise NotImplementedError("closed-loop evaluation of HALO with history_frames > 1 is not supported yet "
-                                      "(the evaluation loop keeps no per-step frame history)")
-        self.history: list = []
+        if self.is_halo:
+            raise ValueError("HALO policies are HaloPolicy (load_policy builds one)")
 
     def reset(self, seed: int):
-        """Start an episode: per-query noise seeds derive from ``seed``; the frame history is cleared."""
+        """Start an episode: per-query noise seeds derive from ``seed``."""
         self.seed, self.calls = int(seed), 0
-        self.history = []
 
     def act(self, env, obs):
         """Actions ``[n, action_dim]`` to execute for ``obs`` (and a trace or None)."""
@@ -153,22 +150,98 @@ class ModelPolicy:
         self.generator.manual_seed(call_seed(self.seed, self.calls))  # as a policy server seeds a request
         self.calls += 1
         with torch.no_grad():
-            if self.is_halo:
-                batch = self.processor(frame)
-                batch["generator"] = self.generator
-                out = self.model.predict_action_chunk(batch)
-            else:
-                dev = next(self.model.parameters()).device
-                batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in self.processor(frame).items()}
-                if self.trace:
-                    from ..trace import recording
-                    with recording(self.model) as rec:
-                        out = self.model.predict_action_chunk(batch, generator=self.generator)
-                    tr = rec.traces()
-                    policy_trace = tr[0] if tr else None
-                else:
+            dev = next(self.model.parameters()).device
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in self.processor(frame).items()}
+            if self.trace:
+                from ..trace import recording
+                with recording(self.model) as rec:
                     out = self.model.predict_action_chunk(batch, generator=self.generator)
+                tr = rec.traces()
+                policy_trace = tr[0] if tr else None
+            else:
+                out = self.model.predict_action_chunk(batch, generator=self.generator)
         raw = self.processor.postprocess(out.float().cpu())[0].numpy()
+        return raw[:self.chunk], policy_trace
+
+
+class HaloPolicy:
+    """HALO closed-loop: the last ``history_frames`` camera frames of the episode (consecutive env steps; the
+    episode's first frame repeated before it starts, as HALO's loader pads) and the instruction go to
+    ``model.infer(history, instruction, mode=...)``; the chunk (HALO's normalised action space) is un-normalised by
+    the processor's :meth:`~vla_blocks.data.PolicyProcessor.postprocess` and its first ``n_action_steps`` actions are
+    executed. ``mode``: ``reactive``, ``emcot`` or ``mixed`` (default: the model's ``inference.mode``). The
+    evaluation loop renders the ``frames_before_query`` steps before each query and hands every rendered
+    observation to :meth:`observe`. Flow noise (and ``mixed``'s coin) come from a generator re-seeded per query
+    with :func:`call_seed`. With ``trace``, each query's reasoning, subgoal image and actions are recorded
+    (:func:`vla_blocks.trace.from_halo`)."""
+
+    needs_images = True
+
+    def __init__(self, model, processor, n_action_steps: int | None = None, name: str = "halo",
+                 trace: bool = False, mode: str | None = None):
+        import torch
+        if processor.config.policy != "halo":
+            raise ValueError(f"HaloPolicy needs a HALO processor, got policy {processor.config.policy!r}")
+        self.model = model.eval()
+        self.processor = processor.eval()
+        if processor.model is None:
+            processor.bind(model)
+        cfg = model.config
+        horizon = int(cfg.chunk_size)
+        n = n_action_steps or cfg.n_action_steps or horizon
+        if n > horizon:
+            raise ValueError(f"n_action_steps={n} exceeds the model's chunk of {horizon} actions")
+        self.mode = mode or cfg.inference.mode
+        if self.mode not in ("reactive", "emcot", "mixed"):
+            raise ValueError(f"HALO mode {self.mode!r} is not one of ['reactive', 'emcot', 'mixed']")
+        self.chunk = int(n)
+        self.history_frames = int(processor.config.history_frames)
+        self.frames_before_query = self.history_frames
+        self.camera = processor.config.cameras[0]
+        self.name, self.trace = name, trace
+        self.generator = torch.Generator().manual_seed(0)
+        self.seed, self.calls = 0, 0
+        self.frames: list = []  # the last history_frames observed camera frames (float CHW in [0, 1])
+
+    def reset(self, seed: int):
+        """Start an episode: the frame history is cleared; per-query noise seeds derive from ``seed``."""
+        self.seed, self.calls = int(seed), 0
+        self.frames = []
+
+    def observe(self, env, obs):
+        """Keep the camera frame of a rendered observation (called by the loop after reset and each step)."""
+        if not obs.images:
+            return
+        frame = env.frame(obs)
+        if self.camera not in frame:
+            raise KeyError(f"camera {self.camera!r} (the HALO processor's) is not rendered by the env "
+                           f"(have {sorted(k for k in frame if 'image' in k)})")
+        self.frames = (self.frames + [frame[self.camera]])[-self.history_frames:]
+
+    def history(self, env, obs) -> list:
+        """The ``history_frames`` frames of this query, oldest first (the first one repeated while too few)."""
+        if not self.frames:  # a caller that does not call observe(): the current observation alone
+            self.observe(env, obs)
+        if not self.frames:
+            raise ValueError("HALO needs the camera frames: the observation was not rendered")
+        frames = list(self.frames)
+        return [frames[0]] * (self.history_frames - len(frames)) + frames
+
+    def act(self, env, obs):
+        """Actions ``[n, action_dim]`` to execute for ``obs`` (and the HALO trace or None)."""
+        import torch
+        hist = self.history(env, obs)
+        batch = self.processor({self.camera: torch.stack(hist), "task": env.instruction})
+        self.generator.manual_seed(call_seed(self.seed, self.calls))
+        self.calls += 1
+        with torch.no_grad():
+            tr = self.model.infer(batch["history"][0], batch["instruction"][0], mode=self.mode,
+                                  generator=self.generator)
+        raw = self.processor.postprocess(tr.actions.float().cpu()[None])[0].numpy()
+        policy_trace = None
+        if self.trace:
+            from ..trace import from_halo
+            policy_trace = from_halo(tr, batch["history"][0], batch["instruction"][0])
         return raw[:self.chunk], policy_trace
 
 
@@ -264,4 +337,6 @@ def load_policy(ref: str, n_action_steps: int | None = None, trace: bool = False
                                 "section, or save the processor with PolicyProcessor.save_pretrained)")
     model = model.to(device)
     proc = PolicyProcessor.from_pretrained(proc_dir, model)
+    if proc.config.policy == "halo":
+        return HaloPolicy(model, proc, n_action_steps, name=str(ref), trace=trace)
     return ModelPolicy(model, proc, n_action_steps, name=str(ref), trace=trace)

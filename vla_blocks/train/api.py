@@ -62,6 +62,8 @@ def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
     train_eps = list(d.episodes) if d.episodes is not None else [e for e in range(n_ep) if e not in set(d.val_episodes)]
     stats = _stats(d, train_eps)
     proc = make_processor(model, meta, stats=stats, camera_map=d.camera_map)
+    if d.emcot:
+        return _emcot_data(recipe, model, proc, probe.root, meta, stats, train_eps, rank, world_size)
     delta = d.delta_timestamps or proc.delta_timestamps(fps=meta.fps)
     ds = LeRobotDataset(d.root, delta_timestamps=delta, episodes=train_eps)
     proc.train()
@@ -72,6 +74,53 @@ def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
         vproc = make_processor(model, meta, stats=stats, camera_map=d.camera_map).eval()
         vds = LeRobotDataset(d.root, delta_timestamps=delta, episodes=list(d.val_episodes))
         val = _Sequential(vds, t.batch_size, vproc, t.validation.batches)
+    return data, val, proc
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, ds, rows):
+        self.ds, self.rows = ds, list(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.ds[self.rows[i]]
+
+
+def _emcot_data(recipe: TrainRecipe, model, proc, root, meta, stats, train_eps, rank, world_size):
+    """``data.emcot: true``: HALO's EM-CoT samples (``EmcotHaloDataset`` over the ``meta/emcot`` sidecar) of the
+    training / validation episodes through :meth:`PolicyProcessor.halo_collate`."""
+    from ..data import make_processor
+    from ..emcot.halo_data import EmcotHaloDataset
+    from ..emcot.samples import SIDECAR_DIR
+    d, t = recipe.data, recipe.train
+    if proc.config.policy != "halo":
+        raise ValueError(f"data.emcot: EM-CoT samples train HALO only (this recipe's model is {proc.config.policy})")
+    if d.delta_timestamps is not None:
+        raise ValueError("data.emcot: delta_timestamps are not used (the history and chunk come from the model)")
+    side = Path(root) / SIDECAR_DIR
+    if not (side / "info.json").is_file():
+        raise FileNotFoundError(f"data.emcot: {side} has no EM-CoT annotations (run vla-blocks annotate "
+                                f"{d.root} first)")
+    c = proc.config
+    full = EmcotHaloDataset(root, camera=c.cameras[0], history=c.history_frames, chunk_size=c.chunk_length,
+                            action_key=c.action_key)
+    by_ep: dict[int, list[int]] = {}
+    for i, (e, _, _) in enumerate(full.items):
+        by_ep.setdefault(int(e), []).append(i)
+    train_rows = [i for e in train_eps for i in by_ep.get(e, [])]
+    if not train_rows:
+        raise ValueError(f"data.emcot: no annotated training frames in episodes {train_eps} of {d.root}")
+    proc.train()
+    data = DatasetBatches(_Subset(full, train_rows), t.batch_size, proc.halo_collate, seed=t.seed,
+                          shuffle=d.shuffle, rank=rank, world_size=world_size, drop_last=d.drop_last,
+                          num_workers=d.num_workers)
+    val = None
+    if d.val_episodes:
+        vproc = make_processor(model, meta, stats=stats, camera_map=d.camera_map).eval()
+        rows = [i for e in d.val_episodes for i in by_ep.get(e, [])]
+        val = _Sequential(_Subset(full, rows), t.batch_size, vproc.halo_collate, t.validation.batches)
     return data, val, proc
 
 

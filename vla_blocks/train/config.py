@@ -257,6 +257,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     drop_last: bool = True
+    # HALO only: train on the EM-CoT samples of the dataset's meta/emcot sidecar (vla-blocks annotate): history,
+    # thought text, subgoal frame and actions (vla_blocks.emcot.EmcotHaloDataset) instead of reactive frames
+    emcot: bool = False
 
 
 @dataclass
