@@ -325,3 +325,12 @@ def test_resume_fast_forwards_a_plain_iterable(tmp_path):
     got = run(tmp_path / "b", 6, True)
     for k in full:
         assert torch.equal(full[k], got[k]), k
+
+
+def test_a_recipe_without_a_dataset_root_says_how_to_give_one(tmp_path):
+    """Shipped Meta-World recipes leave data.root to the command line; training without it is one clear error."""
+    from vla_blocks.errors import ConfigError
+    from vla_blocks.train import train
+    with pytest.raises(ConfigError, match=r"data\.root=DIR") as e:
+        train("halo-emcot-mw", ["train.steps=1"], output_dir=tmp_path / "run")
+    assert e.value.key == "data.root"

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from ..errors import ConfigError
 from .config import TrainRecipe, load_train_recipe
 from .data import DatasetBatches, DemoBatches
 from .engine import Trainer, TrainResult
@@ -53,6 +54,9 @@ def build_data(recipe: TrainRecipe, model, rank: int = 0, world_size: int = 1):
     """``(train batches, validation batches or None, processor)`` for the recipe's ``data:`` section."""
     from ..data import LeRobotDataset, make_processor
     d, t = recipe.data, recipe.train
+    if not d.root:
+        raise ConfigError("data.root: the recipe names no dataset; give one, e.g. `vla-blocks train RECIPE "
+                          "data.root=DIR`", key="data.root")
     probe = LeRobotDataset(d.root, decode_video=False)
     meta = probe.meta
     n_ep = int(meta.info["total_episodes"])

@@ -242,10 +242,11 @@ class TrainConfig:
 class DataConfig:
     """A LeRobotDataset and the model's processor (``vla_blocks.data``), built when training starts.
 
-    ``root``: a local dataset folder or Hub id; ``episodes``: the training episodes (null: all but
-    ``val_episodes``); ``camera_map``: model camera slot → dataset camera key."""
+    ``root``: a local dataset folder or Hub id (a recipe may leave it null for the command line to give:
+    ``data.root=DIR``); ``episodes``: the training episodes (null: all but ``val_episodes``); ``camera_map``:
+    model camera slot → dataset camera key."""
 
-    root: str
+    root: str | None = None
     episodes: list[int] | None = None
     val_episodes: list[int] = field(default_factory=list)
     delta_timestamps: dict[str, list[float]] | None = None
