@@ -210,15 +210,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    """``vla-blocks demos``: run the scripted experts in worker processes and write a LeRobotDataset v3; exit status."""
-    try:
-        return _run(args)
-    except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:
-        print(f"vla-blocks demos: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
+    """``vla-blocks demos``: run the scripted experts in worker processes and write a LeRobotDataset v3;
+    exit status (errors reach the CLI's one-line report, or a traceback with ``--debug``)."""
     from .metaworld import METAWORLD_TASKS
     tasks = [t for t in (args.tasks.split(",") if args.tasks else METAWORLD_TASKS) if t]
     s = generate_demos(args.out, args.suite, tasks, args.episodes, args.size, args.camera, args.state, args.seed,

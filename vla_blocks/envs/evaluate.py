@@ -251,15 +251,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    """``vla-blocks eval``: closed-loop evaluation in worker processes → JSON + Markdown (+ mp4 / traces); exit status."""
-    try:
-        return _run(args)
-    except (FileExistsError, ImportError, RuntimeError, NotImplementedError) as e:
-        print(f"vla-blocks eval: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
+    """``vla-blocks eval``: closed-loop evaluation in worker processes → JSON + Markdown (+ mp4 / traces);
+    exit status (errors reach the CLI's one-line report, or a traceback with ``--debug``)."""
     from .metaworld import METAWORLD_TASKS
     if (args.model is None) == (args.server is None):
         raise ValueError("give MODEL or --server ws://HOST:PORT (one of them)")
