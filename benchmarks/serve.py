@@ -22,11 +22,8 @@ Run ``vla-blocks bench serve [--smoke] [--set recipe=pi0-tiny clients=8 requests
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -62,33 +59,6 @@ def observation(seed: int, size: int) -> dict:
             "observation/wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
             "observation/state": rng.normal(size=8).astype(np.float32), "prompt": "put the bowl on the plate",
             "noise_seed": seed}
-
-
-class ServerProcess:
-    """``vla-blocks serve`` in a subprocess on a free loopback port (one torch thread)."""
-
-    def __init__(self, folder, *extra):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vla_blocks.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", "0",
-             "--threads", "1", "--observation", "libero", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.url = f"ws://127.0.0.1:{json.loads(line)['port']}"
-                break
-        else:
-            raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
-
-    def close(self):
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def process_cpu_s(pid: int) -> float:
@@ -165,7 +135,7 @@ def throughput(url: str, n_clients: int, requests: int, size: int) -> dict:
 
 
 def run(ctx) -> dict:
-    from vla_blocks.serve import PolicyClient, ServerError
+    from vla_blocks.serve import PolicyClient, ServerError, ServerProcess
     from vla_blocks.serve.cli import load_runner
     s = resolve_settings(ctx)
     tmp = tempfile.TemporaryDirectory(prefix="vla-blocks-bench-serve-")
@@ -178,8 +148,8 @@ def run(ctx) -> dict:
         # 1. overhead, on the batching server (a lone client never waits for a batch); forward passes on the event
         #    loop (the default) and, for comparison, on a worker thread (--inference-thread)
         args = ("--max-batch", str(s["max_batch"]), "--batch-timeout-ms", str(s["batch_timeout_ms"]))
-        srv = ServerProcess(folder, *args)
-        srv_thread = ServerProcess(folder, *args, "--inference-thread")
+        srv = ServerProcess(folder, "--observation", "libero", *args)
+        srv_thread = ServerProcess(folder, "--observation", "libero", *args, "--inference-thread")
         try:
             client, client_thread = PolicyClient(srv.url), PolicyClient(srv_thread.url)
             max_diff = max(float(np.abs(c.infer(obs)["actions"] - want).max()) for c in (client, client_thread))
@@ -220,7 +190,7 @@ def run(ctx) -> dict:
         finally:
             srv.close()
             srv_thread.close()
-        srv = ServerProcess(folder, "--max-batch", "1")
+        srv = ServerProcess(folder, "--observation", "libero", "--max-batch", "1")
         try:
             conc_off = throughput(srv.url, s["clients"], s["requests"], s["image"])
             ctx.log(f"{s['clients']} clients, batching off: {conc_off['req_per_s']:.1f} req/s")

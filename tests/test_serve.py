@@ -8,9 +8,6 @@ format with ``openpi_client.msgpack_numpy``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -28,7 +25,7 @@ import websockets.sync.client as ws_client  # noqa: E402
 
 from vla_blocks import create_model  # noqa: E402
 from vla_blocks.serve import (LAYOUTS, ObservationError, PolicyClient, PolicyRunner, PolicyServer,  # noqa: E402
-                              ServerError, WireError, load_layout, packb, unpackb)
+                              ServerError, ServerProcess, WireError, load_layout, packb, unpackb)
 
 RECIPE = "acot-tiny"  # pi0 structure + EAR (coarse actions) + IAR: the most outputs of any servable model
 
@@ -159,32 +156,9 @@ def reference(saved_model):
     return model, PolicyProcessor.from_pretrained(saved_model, model=model).eval()
 
 
-class _Server:
-    def __init__(self, folder, *extra):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vla_blocks.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", "0",
-             "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for line in self.proc.stdout:  # the server prints {"port": N} once it listens
-            if line.startswith("{"):
-                self.port = json.loads(line)["port"]
-                break
-        else:
-            raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
-        self.url = f"ws://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(saved_model):
-    s = _Server(saved_model, "--observation", "libero", "--max-batch", "8", "--batch-timeout-ms", "2")
+    s = ServerProcess(saved_model, "--observation", "libero", "--max-batch", "8", "--batch-timeout-ms", "2")
     yield s
     s.close()
 
@@ -295,7 +269,7 @@ def test_disconnect_mid_request_does_not_disturb_the_server(server, reference):
 
 def test_eight_concurrent_clients_share_one_forward_pass(saved_model, reference):
     # a long batch timeout: the first request waits until all 8 arrived, so the batch is full by construction
-    srv = _Server(saved_model, "--max-batch", "8", "--batch-timeout-ms", "20000")
+    srv = ServerProcess(saved_model, "--max-batch", "8", "--batch-timeout-ms", "20000")
     try:
         n = 8
         clients = [WebsocketClientPolicy(srv.url) for _ in range(n)]

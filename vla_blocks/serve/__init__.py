@@ -7,10 +7,12 @@
 - :class:`ObservationLayout` / :func:`load_layout` — openpi's LIBERO / ALOHA / DROID observation keys (or a YAML
   file) mapped onto lerobot-style frame keys;
 - :class:`PolicyClient` — a client for evaluation code; ``openpi_client.WebsocketClientPolicy`` works as well;
+- :class:`ServerProcess` — ``vla-blocks serve`` in a subprocess on a free loopback port (tests, benchmarks);
 - :mod:`vla_blocks.serve.wire` — the msgpack-numpy wire format.
 """
 
 from .layouts import LAYOUTS, ObservationError, ObservationLayout, load_layout
+from .process import ServerProcess
 from .runner import SEED_KEY, PolicyRunner
 from .wire import WireError, packb, unpackb
 
@@ -29,4 +31,4 @@ def __getattr__(name):  # the websocket parts import websockets only when used
 
 
 __all__ = ["LAYOUTS", "ObservationError", "ObservationLayout", "load_layout", "SEED_KEY", "PolicyRunner",
-           "WireError", "packb", "unpackb", "PolicyServer", "PolicyClient", "ServerError", "wait_for_server", "load_runner"]
+           "WireError", "packb", "unpackb", "ServerProcess", "PolicyServer", "PolicyClient", "ServerError", "wait_for_server", "load_runner"]
