@@ -18,7 +18,6 @@ to measure a commit before a change with the same code).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import sys
@@ -257,8 +256,10 @@ if __name__ == "__main__":  # measure any checkout with the same code: python be
     class _Ctx:
         smoke = "--smoke" in sys.argv
 
-    result = run(_Ctx())
-    with contextlib.ExitStack():
-        path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
-        text = json.dumps(result, indent=1)
-        print(text) if path is None else open(path, "w").write(text + "\n")
+    text = json.dumps(run(_Ctx()), indent=1)
+    path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    if path is None:
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")

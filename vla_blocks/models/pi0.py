@@ -397,8 +397,7 @@ class Pi0Model(VLAModel):
         every Euler step: layout, sub-layout, routing, RoPE tables and mask metadata."""
         layout = policy_layout(prefix.image_valid, prefix.tokens_per_image, prefix.text_valid, specs,
                                self.experts).to(self.device)
-        return PassPlan.build(layout, start=prefix.length, head_dim=self.stack.cfg.head_dim,
-                              rope_theta=self.stack.cfg.rope_theta)
+        return self.stack.plan(layout, start=prefix.length)
 
     def run_suffixes(self, prefix: Prefix, cache: PrefixCache, suffixes: list[Suffix],
                      plan: PassPlan | None = None) -> dict[str, torch.Tensor]:
